@@ -1,0 +1,309 @@
+"""The ``ribbed`` command: run presets and configs, browse runs, compare them, write reports.
+
+``ribbed run`` with no argument runs the default comparison. Every long job shows progress
+bars; every finished job prints a results table and the path of its report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ribbed.config import ComparisonConfig, ConfigError, RunConfig, load_config
+
+app = typer.Typer(
+    name="ribbed",
+    help="RIBBED: neuron-coupled training, the backprop toolbox, and honest comparisons.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+RunsDir = Annotated[
+    Path | None,
+    typer.Option("--runs-dir", help="Runs root (default: $RIBBED_RUNS_DIR or ./runs)."),
+]
+
+
+def _runs_dir(value: Path | None) -> Path:
+    from ribbed.runs import default_runs_dir
+
+    return value if value is not None else default_runs_dir()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code=2)
+
+
+class RichProgress:
+    """Progress bars for the harness: one for the whole job, one for the current run."""
+
+    def __init__(self, progress: Progress, total_runs: int):
+        self._progress = progress
+        self._overall = progress.add_task("runs", total=total_runs)
+        self._current = None
+
+    def start_run(self, label: str, steps: int):
+        if self._current is not None:
+            self._progress.remove_task(self._current)
+        self._current = self._progress.add_task(label, total=steps)
+        progress, task = self._progress, self._current
+
+        class _Callback:
+            def on_step(self, step: int, loss: float) -> None:
+                progress.update(task, completed=step)
+
+            def on_eval(self, row: dict) -> None:
+                progress.update(
+                    task, description=f"{label}  val_acc {row['val_acc']:.3f}", completed=row["step"]
+                )
+
+        return _Callback()
+
+    def end_run(self, label: str, entry: dict[str, Any]) -> None:
+        self._progress.advance(self._overall)
+        final = entry.get("final", {})
+        status = entry.get("status")
+        detail = f"test_acc {final['test_acc']:.4f}" if "test_acc" in final else status
+        self._progress.console.print(f"  {label}: {detail}", highlight=False)
+
+    def message(self, text: str) -> None:
+        self._progress.console.print(text, highlight=False)
+
+
+def _progress_bars() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _format_ci(row: dict) -> str:
+    mean, low, high = row.get("mean"), row.get("ci_low"), row.get("ci_high")
+    if mean is None:
+        return "-"
+    if low is None or high is None or low != low:
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {(high - low) / 2:.4f}"
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _results_table(summary: dict) -> Table:
+    metric = summary.get("primary_metric", {}).get("name", "metric")
+    table = Table(title=f"{summary.get('name')}: {metric} (mean ± 95% CI)")
+    for column in ("method", "dataset", metric, "reached target", "steps to target",
+                   "s to target", "p vs baseline", "verdict"):
+        table.add_column(column)
+    for row in summary.get("aggregates", []):
+        table.add_row(
+            str(row["method"]), str(row["dataset"]), _format_ci(row),
+            str(row.get("reached_target", "-")), _fmt(row.get("steps_to_target_mean"), ".0f"),
+            _fmt(row.get("seconds_to_target_mean"), ".1f"), _fmt(row.get("p_value"), ".3g"),
+            str(row.get("verdict", "")),
+        )
+    return table
+
+
+def _load(config: str | None, overrides: list[str]) -> tuple[Path, RunConfig | ComparisonConfig]:
+    from ribbed.experiments.presets import resolve_source
+
+    source = resolve_source(config)
+    return source, load_config(source, overrides)
+
+
+@app.command()
+def run(
+    config: Annotated[str | None, typer.Argument(help="Config file or preset name (default: 'default').")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="Number of seeds (0..N-1).")] = None,
+    tune: Annotated[bool, typer.Option(help="Rerun the equal-budget tuning before the final runs.")] = False,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Run a preset or config file: one run, or a comparison of methods x datasets x seeds."""
+    from ribbed.experiments.harness import run_comparison, run_single
+
+    try:
+        _, cfg = _load(config, set_ or [])
+        if seeds is not None:
+            if isinstance(cfg, RunConfig):
+                cfg = ComparisonConfig(
+                    name=cfg.name, baseline=cfg.optimizer.name, seeds=seeds, base=cfg,
+                    methods={cfg.optimizer.name: {"optimizer": cfg.optimizer}},
+                )
+            else:
+                cfg = cfg.model_copy(update={"seeds": seeds})
+        root = _runs_dir(runs_dir)
+        with _progress_bars() as bars:
+            if isinstance(cfg, ComparisonConfig):
+                total = len(cfg.methods) * len(cfg.dataset_entries) * len(cfg.seed_list)
+                outcome = run_comparison(cfg, runs_dir=root, tune=tune, progress=RichProgress(bars, total))
+            else:
+                if tune:
+                    _fail("--tune needs a comparison config (with methods and search spaces)")
+                outcome = run_single(cfg, runs_dir=root, progress=RichProgress(bars, 1))
+    except (ConfigError, ValueError, LookupError) as exc:
+        _fail(str(exc))
+    console.print(_results_table(outcome.summary))
+    console.print(f"record: {outcome.record.path}")
+    console.print(f"report: {outcome.report_html}")
+    console.print(f"summary: {outcome.report_md}")
+
+
+@app.command()
+def resume(
+    run_ref: Annotated[str, typer.Argument(help="Run id, unique id prefix, or run directory.")],
+    runs_dir: RunsDir = None,
+) -> None:
+    """Continue a single run from its last checkpoint, to the same result as an uninterrupted run."""
+    from ribbed.report import write_report
+    from ribbed.runs import open_run
+    from ribbed.train import build_run, train
+
+    try:
+        record = open_run(_runs_dir(runs_dir), run_ref)
+        cfg = load_config(record.read_config())
+        if not isinstance(cfg, RunConfig):
+            _fail(f"{record.id} is a {cfg.kind}; only single runs resume")
+        parts = build_run(cfg)
+    except (ConfigError, ValueError, LookupError) as exc:
+        _fail(str(exc))
+    record.set_status("running")
+    with _progress_bars() as bars:
+        callback = RichProgress(bars, 1).start_run(record.id, cfg.train.steps)
+        result = train(parts, record=record, callbacks=[callback], resume=True)
+    console.print(f"{record.id}: {result.status} after {result.steps} steps, final {result.final}")
+    from ribbed.experiments.harness import summarize_records
+
+    html, _ = write_report(summarize_records([record], kind="run", name=cfg.name), record.path)
+    console.print(f"report: {html}")
+
+
+@app.command("list")
+def list_(
+    kind: Annotated[str | None, typer.Option(help="Only 'run' or 'comparison' records.")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 30,
+    runs_dir: RunsDir = None,
+) -> None:
+    """List recorded runs and comparisons, newest first."""
+    from ribbed.runs import list_runs
+
+    rows = list_runs(_runs_dir(runs_dir), kind=kind, limit=limit)
+    table = Table(title=f"runs in {_runs_dir(runs_dir)}")
+    for column in ("id", "kind", "method", "dataset", "seed", "status", "test_acc"):
+        table.add_column(column)
+    for row in rows:
+        final = (row.get("summary") or {}).get("final") or {}
+        table.add_row(
+            row["id"], row["kind"], row.get("method") or "", row.get("dataset") or "",
+            "" if row.get("seed") is None else str(row["seed"]), row["status"],
+            _fmt(final.get("test_acc"), ".4f"),
+        )
+    console.print(table)
+
+
+@app.command()
+def show(
+    run_ref: Annotated[str, typer.Argument(help="Run id, unique id prefix, or run directory.")],
+    runs_dir: RunsDir = None,
+) -> None:
+    """Show a record's config, status and results."""
+    from ribbed.runs import open_run
+
+    try:
+        record = open_run(_runs_dir(runs_dir), run_ref)
+    except LookupError as exc:
+        _fail(str(exc))
+    meta = record.read_meta()
+    console.print(f"[bold]{record.id}[/] ({meta['kind']}, {meta['status']})  {record.path}")
+    console.print_json(json.dumps(record.read_config()))
+    summary = record.read_summary() or {}
+    if summary.get("aggregates"):
+        console.print(_results_table(summary))
+    else:
+        console.print_json(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+
+
+@app.command()
+def compare(
+    run_refs: Annotated[list[str], typer.Argument(help="Runs to compare (ids, prefixes, or directories).")],
+    baseline: Annotated[str | None, typer.Option(help="Baseline method (default: the first run's).")] = None,
+    name: Annotated[str, typer.Option(help="Name of the comparison record.")] = "compare",
+    runs_dir: RunsDir = None,
+) -> None:
+    """Aggregate existing runs into a comparison record with a report."""
+    from ribbed.experiments.harness import compare_records
+    from ribbed.runs import open_run
+
+    root = _runs_dir(runs_dir)
+    try:
+        records = [open_run(root, ref) for ref in run_refs]
+        outcome = compare_records(records, runs_dir=root, name=name, baseline=baseline)
+    except (ValueError, LookupError) as exc:
+        _fail(str(exc))
+    console.print(_results_table(outcome.summary))
+    console.print(f"report: {outcome.report_html}")
+
+
+@app.command()
+def report(
+    ref: Annotated[str, typer.Argument(help="Run or comparison id, prefix, or directory.")],
+    runs_dir: RunsDir = None,
+) -> None:
+    """(Re)write the HTML and Markdown report of a run or comparison."""
+    from ribbed.experiments.harness import summarize_records
+    from ribbed.report import write_report
+    from ribbed.runs import open_run
+
+    try:
+        record = open_run(_runs_dir(runs_dir), ref)
+    except LookupError as exc:
+        _fail(str(exc))
+    summary = record.read_summary() or {}
+    if record.kind != "comparison" or "runs" not in summary:
+        summary = summarize_records([record], kind="run", name=record.read_meta().get("name", record.id))
+    html, md = write_report(summary, record.path)
+    console.print(f"report: {html}\nsummary: {md}")
+
+
+@app.command()
+def datasets() -> None:
+    """List the datasets (all offline) and their options."""
+    from ribbed.data import list_datasets
+
+    table = Table(title="datasets")
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in list_datasets().items():
+        table.add_row(name, description)
+    console.print(table)
+
+
+@app.command()
+def presets() -> None:
+    """List the experiment presets that `ribbed run NAME` accepts."""
+    from ribbed.experiments.presets import list_presets
+
+    table = Table(title="presets")
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in list_presets().items():
+        table.add_row(name, description)
+    console.print(table)
+
+
+def main() -> None:
+    app()

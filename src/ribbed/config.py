@@ -1,0 +1,379 @@
+"""Typed configuration for runs and comparisons.
+
+A run is described by a :class:`RunConfig` (data, model, optimiser, schedule, training); a
+comparison by a :class:`ComparisonConfig` (methods x datasets x seeds around a base run).
+Both load from YAML or TOML files, from presets, or from plain dicts, and accept
+``key.path=value`` overrides (the CLI's ``--set``). Every model forbids unknown keys, so a
+typo is an error, never a silently ignored setting. Every failure is a :class:`ConfigError`
+that names the field path, the bad value and what is allowed.
+
+Registry names (dataset, model, optimiser, gradient method) and their free-form ``options``
+are checked by the registries when a run is built, with the same kind of message.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TargetConfig",
+    "TrainConfig",
+    "RunConfig",
+    "MethodConfig",
+    "SearchDimension",
+    "TuningConfig",
+    "DatasetEntry",
+    "ComparisonConfig",
+    "load_config",
+    "parse_document",
+    "apply_overrides",
+    "config_from_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field, value and rule."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Which dataset, how it is split and batched. ``options`` go to the dataset loader."""
+
+    name: str = "mnist1d"
+    seed: int = 0
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 1024
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(_Strict):
+    """Which model from ``ribbed.nn``; ``options`` are its constructor arguments."""
+
+    name: str = "cnn1d"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    """An optimiser by registry name or import path; ``options`` go to its constructor."""
+
+    name: str = "adamw"
+    lr: PositiveFloat = 1e-3
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleConfig(_Strict):
+    """Learning-rate schedule: linear warm-up, then constant or cosine decay to ``min_lr_ratio``."""
+
+    kind: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: NonNegativeInt = 0
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TargetConfig(_Strict):
+    """A metric threshold; reaching it records steps and seconds to target."""
+
+    metric: str = "val_acc"
+    value: float
+    mode: Literal["max", "min"] = "max"
+
+
+class TrainConfig(_Strict):
+    """How the training loop runs."""
+
+    steps: PositiveInt = 1000
+    grad_accum: PositiveInt = 1
+    clip_grad_norm: PositiveFloat | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpointing: str = "none"
+    eval_every: PositiveInt = 100
+    target: TargetConfig | None = None
+    stop_at_target: bool = False
+    checkpoint_every: PositiveInt | None = None
+    deterministic: bool = False
+    gradient_method: str = "backprop"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+class RunConfig(_Strict):
+    """Everything one training run needs."""
+
+    kind: Literal["run"] = "run"
+    name: str = Field("run", min_length=1, max_length=64)
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    trackers: list[str] = Field(default_factory=lambda: ["jsonl"])
+
+
+class SearchDimension(_Strict):
+    """One tuned hyperparameter: a numeric range (``low``/``high``, optionally log) or ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchDimension:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices must not be empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high (or give choices)")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class MethodConfig(_Strict):
+    """A compared method: its optimiser (tuned values filled in) and its search space.
+
+    Search keys are ``lr`` or an optimiser option name (e.g. ``weight_decay``, ``momentum``).
+    """
+
+    optimizer: OptimizerConfig
+    gradient_method: str | None = None
+    search: dict[str, SearchDimension] = Field(default_factory=dict)
+
+
+class TuningConfig(_Strict):
+    """The equal tuning budget every method gets, on the validation split."""
+
+    trials: PositiveInt = 8
+    steps: PositiveInt | None = None
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    source: str | None = None
+
+
+class DatasetEntry(_Strict):
+    """One dataset (with the model trained on it) of a comparison."""
+
+    data: DataConfig
+    model: ModelConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.data.name}/{self.model.name}"
+
+
+class ComparisonConfig(_Strict):
+    """Methods x datasets x seeds around a base run, with an equal tuning budget."""
+
+    kind: Literal["comparison"] = "comparison"
+    name: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    baseline: str
+    seeds: PositiveInt | list[int] = 3
+    metric: str = "test_acc"
+    mode: Literal["max", "min"] = "max"
+    base: RunConfig = Field(default_factory=RunConfig)
+    methods: dict[str, MethodConfig] = Field(min_length=1)
+    datasets: list[DatasetEntry] | None = None
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+
+    @model_validator(mode="after")
+    def _baseline_is_a_method(self) -> ComparisonConfig:
+        if self.baseline not in self.methods:
+            raise ValueError(
+                f"baseline {self.baseline!r} is not one of the methods {sorted(self.methods)}"
+            )
+        if isinstance(self.seeds, list) and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        return self
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @property
+    def dataset_entries(self) -> list[DatasetEntry]:
+        if self.datasets:
+            return self.datasets
+        return [DatasetEntry(data=self.base.data, model=self.base.model)]
+
+
+AnyConfig = RunConfig | ComparisonConfig
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_document(text: str, fmt: Literal["yaml", "toml"] = "yaml") -> dict[str, Any]:
+    """Parse a YAML (safe loader) or TOML document into a mapping, or raise ConfigError."""
+    try:
+        doc = tomllib.loads(text) if fmt == "toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ConfigError(f"cannot parse the {fmt.upper()} document: {exc}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"the top level of a config must be a mapping of keys to values, got {_show(doc)}"
+        )
+    return doc
+
+
+def _parse_scalar(text: str) -> Any:
+    """An override value: int, float (including ``1e-3``), or any YAML scalar/flow value."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse override value {text!r}: {exc}") from None
+
+
+def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``doc`` with each ``a.b.c=value`` override set (creating mappings)."""
+    import copy
+
+    result = copy.deepcopy(doc)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        parts = key.strip().split(".")
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"override {item!r}: {where} is {_show(child)}, not a mapping, "
+                    "so it has no sub-keys"
+                )
+            node = child
+        node[parts[-1]] = _parse_scalar(raw)
+    return result
+
+
+def config_from_dict(doc: Mapping[str, Any]) -> AnyConfig:
+    """Validate a mapping as a run or comparison config (``kind``, default ``run``)."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"a config must be a mapping, got {_show(doc)}")
+    kind = doc.get("kind", "comparison" if "methods" in doc else "run")
+    models: dict[str, type[BaseModel]] = {"run": RunConfig, "comparison": ComparisonConfig}
+    model = models.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise ConfigError(f"field `kind`: got {_show(kind)}; allowed: 'run' or 'comparison'")
+    try:
+        return model.model_validate(dict(doc))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, model)) from None
+
+
+def load_config(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> AnyConfig:
+    """Load a config from a file path (``.yaml``/``.yml``/``.toml``) or a mapping, then override."""
+    if isinstance(source, Mapping):
+        doc = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        fmt: Literal["yaml", "toml"] = "toml" if path.suffix == ".toml" else "yaml"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+        doc = parse_document(text, fmt)
+    return config_from_dict(apply_overrides(doc, overrides))
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The keys allowed at ``loc`` (the parent of an unknown key), following nested models."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            current = field.annotation if field else None
+        else:
+            current = None
+        current = _unwrap_model(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    """Find the BaseModel inside Optional[...], list[...] or dict[str, ...] annotations."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is None:
+        return None
+    for arg in get_args(annotation):
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = [f"invalid {model.__name__} ({exc.error_count()} problem(s)):"]
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            allowed = _field_names(model, loc[:-1])
+            hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  field `{path}`: unknown key{hint}")
+            continue
+        value = err.get("input")
+        lines.append(f"  field `{path}`: got {_show(value)}; {err['msg']}")
+    return "\n".join(lines)

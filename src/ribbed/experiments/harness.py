@@ -1,0 +1,290 @@
+"""Run one config or a whole comparison, record everything, and write the report.
+
+A comparison is methods x datasets x seeds around a base run. The procedure is fixed so
+results are comparable: every method is (optionally) tuned with the same budget on the
+validation split; then every method trains on every dataset with every seed, each run a
+full record of its own; then the final test metrics are aggregated (mean, 95% CI, Welch's
+test against the baseline) and the report is written. Everything that can be rejected
+(names, options, sizes) is built and checked before the first record is written, so a bad
+config never leaves a half-made comparison behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ribbed.config import ComparisonConfig, DatasetEntry, RunConfig
+from ribbed.data import Dataset, load_dataset
+from ribbed.experiments import stats
+from ribbed.experiments.tuning import apply_params, tune_method
+from ribbed.runs import capture_environment, create_run
+from ribbed.train import Callback, build_run, train
+
+__all__ = [
+    "Outcome", "Progress", "compare_records", "method_run_config", "run_comparison", "run_entry",
+    "run_single", "summarize_records",
+]
+
+
+class Progress(Protocol):
+    """What the harness tells a progress display (the CLI draws rich progress bars)."""
+
+    def start_run(self, label: str, steps: int) -> Callback: ...
+
+    def end_run(self, label: str, entry: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+@dataclass
+class Outcome:
+    """A finished run or comparison: its summary, record and report paths."""
+
+    summary: dict[str, Any]
+    record: Any
+    report_html: Path
+    report_md: Path
+
+
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("ribbed", "__main__.py"):
+        argv[0] = "ribbed"
+    return shlex.join(argv)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def run_entry(record) -> dict[str, Any]:
+    """One run as the summary/report sees it, read back from its record."""
+    meta, config = record.read_meta(), record.read_config()
+    summary = record.read_summary() or {}
+    return {
+        "id": record.id,
+        "method": meta.get("method") or config["optimizer"]["name"],
+        "dataset": meta.get("dataset") or f"{config['data']['name']}/{config['model']['name']}",
+        "seed": meta.get("seed", config.get("seed")),
+        "status": summary.get("status", meta["status"]),
+        "final": summary.get("final", {}),
+        "steps": summary.get("steps"),
+        "steps_to_target": summary.get("steps_to_target"),
+        "seconds_to_target": summary.get("seconds_to_target"),
+        "train_seconds": summary.get("train_seconds"),
+        "diverged_at": summary.get("diverged_at"),
+        "history": record.read_metrics(),
+    }
+
+
+def summarize_records(
+    records: Sequence, *, kind: str, name: str, baseline: str | None = None,
+    record_id: str | None = None, metric: str = "test_acc", mode: str = "max",
+) -> dict[str, Any]:
+    """A report summary of finished runs read back from their records."""
+    runs = [run_entry(record) for record in records]
+    methods = list(dict.fromkeys(run["method"] for run in runs))
+    baseline = baseline or methods[0]
+    if baseline not in methods:
+        raise ValueError(f"baseline: got {baseline!r}; allowed: one of the runs' methods {methods}")
+    configs = {run["method"]: record.read_config() for run, record in zip(runs, records, strict=True)}
+    target = (configs[methods[0]].get("train") or {}).get("target")
+    return {
+        "kind": kind,
+        "id": record_id or records[0].id,
+        "name": name,
+        "created": _now(),
+        "command": _command(),
+        "baseline": baseline,
+        "primary_metric": {"name": metric, "mode": mode},
+        "target": target,
+        "methods": {m: {"hyperparameters": configs[m]["optimizer"]} for m in methods},
+        "runs": runs,
+        "aggregates": stats.aggregate(runs, baseline=baseline, metric=metric, mode=mode),
+        "environment": capture_environment(),
+    }
+
+
+def _load(entry: DatasetEntry) -> Dataset:
+    return load_dataset(
+        entry.data.name, seed=entry.data.seed, val_fraction=entry.data.val_fraction,
+        **entry.data.options,
+    )
+
+
+def _train_recorded(config: RunConfig, data: Dataset, *, runs_dir, progress, label, **record_kw):
+    """Build (validated), create the record, train; a crash marks the record failed."""
+    parts = build_run(config, data)
+    record = create_run(runs_dir, name=config.name, config=config.model_dump(mode="json"), **record_kw)
+    callbacks = [progress.start_run(label, config.train.steps)] if progress else []
+    try:
+        train(parts, record=record, callbacks=callbacks)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record.finish(status, {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    return record
+
+
+def _write(record, summary: dict) -> Outcome:
+    from ribbed.report import write_report
+
+    record.finish("completed", summary)
+    html, md = write_report(summary, record.path)
+    return Outcome(summary, record, html, md)
+
+
+def run_single(config: RunConfig, *, runs_dir: Path, progress: Progress | None = None) -> Outcome:
+    """Train one run config; record it and write its report."""
+    dataset = load_dataset(
+        config.data.name, seed=config.data.seed, val_fraction=config.data.val_fraction,
+        **config.data.options,
+    )
+    label = f"{config.data.name}/{config.model.name}"
+    record = _train_recorded(
+        config, dataset, runs_dir=runs_dir, progress=progress, label=config.name,
+        method=config.optimizer.name, dataset=label, seed=config.seed,
+    )
+    summary = summarize_records([record], kind="run", name=config.name)
+    if progress:
+        progress.end_run(config.name, summary["runs"][0])
+    from ribbed.report import write_report
+
+    html, md = write_report(summary, record.path)
+    return Outcome(summary, record, html, md)
+
+
+def method_run_config(
+    comparison: ComparisonConfig, method_name: str, entry: DatasetEntry, seed: int,
+    params: dict[str, Any] | None = None,
+) -> RunConfig:
+    """The run config of one method on one dataset with one seed."""
+    method = comparison.methods[method_name]
+    optimizer = apply_params(method.optimizer, params or {})
+    train_cfg = comparison.base.train
+    if method.gradient_method:
+        train_cfg = train_cfg.model_copy(update={"gradient_method": method.gradient_method})
+    return comparison.base.model_copy(
+        update={
+            "name": f"{comparison.name}-{method_name}",
+            "seed": seed,
+            "data": entry.data,
+            "model": entry.model,
+            "optimizer": optimizer,
+            "train": train_cfg,
+        }
+    )
+
+
+def run_comparison(
+    comparison: ComparisonConfig,
+    *,
+    runs_dir: Path,
+    tune: bool = False,
+    progress: Progress | None = None,
+) -> Outcome:
+    """Tune (optional), train every method x dataset x seed, aggregate, report."""
+    names = list(comparison.methods)
+    datasets = {entry.label: (entry, _load(entry)) for entry in comparison.dataset_entries}
+    for entry, dataset in datasets.values():  # reject bad settings before writing anything
+        for name in names:
+            build_run(method_run_config(comparison, name, entry, comparison.seed_list[0]), dataset)
+
+    record = create_run(
+        runs_dir, name=comparison.name, kind="comparison", config=comparison.model_dump(mode="json")
+    )
+    try:
+        tuned: dict[tuple[str, str], dict[str, Any]] = {}
+        if tune:
+            for label, (entry, dataset) in datasets.items():
+                for name in names:
+                    if progress:
+                        progress.message(
+                            f"tuning {name} on {label}: {comparison.tuning.trials} trials"
+                        )
+                    tuned[name, label] = tune_method(
+                        method_name=name,
+                        method=comparison.methods[name],
+                        run_config=method_run_config(comparison, name, entry, comparison.tuning.seed),
+                        dataset=dataset,
+                        tuning=comparison.tuning,
+                        storage_path=record.path / "tuning.sqlite",
+                        study_name=f"{name}@{label}",
+                    )
+        runs = []
+        for label, (entry, dataset) in datasets.items():
+            for name in names:
+                params = tuned.get((name, label), {}).get("params")
+                for seed in comparison.seed_list:
+                    config = method_run_config(comparison, name, entry, seed, params)
+                    run_label = f"{name} · {label} · seed {seed}"
+                    child = _train_recorded(
+                        config, dataset, runs_dir=runs_dir, progress=progress, label=run_label,
+                        parent=record.id, method=name, dataset=label, seed=seed,
+                    )
+                    run = run_entry(child)
+                    runs.append(run)
+                    if progress:
+                        progress.end_run(run_label, run)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record.finish(status, {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+    target = comparison.base.train.target
+    summary = {
+        "kind": "comparison",
+        "id": record.id,
+        "name": comparison.name,
+        "description": comparison.description,
+        "created": _now(),
+        "command": _command(),
+        "baseline": comparison.baseline,
+        "primary_metric": {"name": comparison.metric, "mode": comparison.mode},
+        "target": target.model_dump() if target else None,
+        "seeds": comparison.seed_list,
+        "methods": {
+            name: {
+                "hyperparameters": {
+                    label: apply_params(
+                        comparison.methods[name].optimizer,
+                        tuned.get((name, label), {}).get("params", {}),
+                    ).model_dump()
+                    for label in datasets
+                },
+                "tuning": (
+                    {label: tuned[name, label] for label in datasets} if tune
+                    else {"source": comparison.tuning.source}
+                ),
+            }
+            for name in names
+        },
+        "runs": runs,
+        "aggregates": stats.aggregate(
+            runs, baseline=comparison.baseline, metric=comparison.metric, mode=comparison.mode
+        ),
+        "environment": capture_environment(),
+    }
+    return _write(record, summary)
+
+
+def compare_records(records: Sequence, *, runs_dir: Path, name: str, baseline: str | None = None) -> Outcome:
+    """Aggregate already finished runs into a new comparison record with its report."""
+    if not records:
+        raise ValueError("compare: give at least one run")
+    unfinished = [r.id for r in records if (r.read_summary() or {}).get("status") is None]
+    if unfinished:
+        raise ValueError(f"compare: runs {unfinished} have not finished")
+    summary = summarize_records(records, kind="comparison", name=name, baseline=baseline)
+    record = create_run(
+        runs_dir, name=name, kind="comparison",
+        config={"compare": [r.id for r in records], "baseline": summary["baseline"]},
+    )
+    summary["id"] = record.id
+    return _write(record, summary)

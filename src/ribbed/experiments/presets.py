@@ -1,0 +1,50 @@
+"""Named experiment presets: YAML configs shipped inside the package.
+
+``ribbed run NAME`` runs ``presets/NAME.yaml``; ``ribbed presets`` lists them with the first
+line of each preset's ``description``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ribbed.config import ConfigError
+
+__all__ = ["PRESET_DIR", "DEFAULT_PRESET", "list_presets", "preset_path", "resolve_source"]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "default"
+
+
+def list_presets() -> dict[str, str]:
+    """Preset names and the first line of their descriptions."""
+    presets = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        description = str(doc.get("description", "")).strip().splitlines()
+        presets[path.stem] = description[0] if description else ""
+    return presets
+
+
+def preset_path(name: str) -> Path:
+    """The file of preset ``name``; an unknown name lists the presets that exist."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"no preset named {name!r}; presets: {', '.join(list_presets()) or '(none)'}"
+        )
+    return path
+
+
+def resolve_source(arg: str | None) -> Path:
+    """A CLI argument as a config file: an existing path, else a preset name (default if None)."""
+    if arg is None:
+        return preset_path(DEFAULT_PRESET)
+    path = Path(arg)
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml", ".toml") or "/" in arg:
+        raise ConfigError(f"config file {arg!r} does not exist")
+    return preset_path(arg)

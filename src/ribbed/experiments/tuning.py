@@ -1,0 +1,109 @@
+"""Equal-budget hyperparameter tuning on the validation split, with Optuna.
+
+Every method of a comparison gets the same number of trials of the same length on the
+same data; a trial trains one seed and scores the final validation metric (never the test
+split). Trials are stored in an Optuna SQLite database beside the comparison, so a study can
+be inspected or resumed with Optuna's own tools. A diverged trial is recorded as failed and
+does not count as a best value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ribbed.config import MethodConfig, OptimizerConfig, RunConfig, SearchDimension, TuningConfig
+from ribbed.data import Dataset
+
+__all__ = ["apply_params", "tune_method"]
+
+
+def apply_params(optimizer: OptimizerConfig, params: dict[str, Any]) -> OptimizerConfig:
+    """The optimiser config with ``lr`` and option values replaced by ``params``."""
+    lr = params.get("lr", optimizer.lr)
+    options = {**optimizer.options, **{k: v for k, v in params.items() if k != "lr"}}
+    return optimizer.model_copy(update={"lr": lr, "options": options})
+
+
+def _suggest(trial: optuna.Trial, name: str, dim: SearchDimension) -> Any:
+    if dim.choices is not None:
+        return trial.suggest_categorical(name, dim.choices)
+    return trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+
+
+def tune_method(
+    *,
+    method_name: str,
+    method: MethodConfig,
+    run_config: RunConfig,
+    dataset: Dataset,
+    tuning: TuningConfig,
+    storage_path: Path,
+    study_name: str,
+    on_trial: Callable[[int, dict[str, Any], float | None], None] | None = None,
+) -> dict[str, Any]:
+    """Search ``method.search`` for ``tuning.trials`` trials; return the best params and study info.
+
+    ``run_config`` is the run each trial starts from (data, model, schedule); its optimiser is
+    replaced by the method's with the suggested values, and it trains ``tuning.steps`` steps.
+    """
+    from ribbed.train import build_run, train
+
+    if not method.search:
+        return {"params": {}, "best_value": None, "trials": 0, "study": None}
+    steps = tuning.steps or run_config.train.steps
+    metric_key = tuning.metric
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {name: _suggest(trial, name, dim) for name, dim in method.search.items()}
+        config = run_config.model_copy(
+            update={
+                "seed": tuning.seed,
+                "optimizer": apply_params(method.optimizer, params),
+                "train": run_config.train.model_copy(
+                    update={"steps": steps, "eval_every": max(1, steps), "target": None,
+                            "checkpoint_every": None}
+                ),
+            }
+        )
+        result = train(build_run(config, dataset), evaluate_test=False)
+        value = result.final.get(metric_key) if result.status == "completed" else None
+        if on_trial:
+            on_trial(trial.number, params, value)
+        if value is None or not math.isfinite(value):
+            raise optuna.TrialPruned(f"diverged at step {result.diverged_at}")
+        return value
+
+    sampler = (
+        optuna.samplers.TPESampler(seed=tuning.seed)
+        if tuning.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=tuning.seed)
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=f"sqlite:///{storage_path}",
+        direction="maximize" if tuning.mode == "max" else "minimize",
+        sampler=sampler,
+        load_if_exists=False,
+    )
+    study.optimize(objective, n_trials=tuning.trials)
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not completed:
+        raise RuntimeError(
+            f"tuning {method_name!r}: all {tuning.trials} trials diverged; widen or lower the search range"
+        )
+    return {
+        "params": dict(study.best_params),
+        "best_value": study.best_value,
+        "trials": len(study.trials),
+        "diverged_trials": len(study.trials) - len(completed),
+        "steps": steps,
+        "metric": metric_key,
+        "study": study_name,
+        "storage": storage_path.name,
+    }

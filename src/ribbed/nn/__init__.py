@@ -1,0 +1,21 @@
+"""Models for backpropagation research, built by name.
+
+``build_model(name, input_shape=, num_classes=, task=, **options)`` builds a registered
+model; classification models map ``[B, *input_shape]`` floats to ``[B, num_classes]``
+logits, language models ``[B, T]`` tokens to ``[B, T, vocab]`` logits. Every model keeps
+its repeated blocks in ``model.blocks``, so ``set_checkpointing(model, policy)`` turns on
+activation checkpointing for any of them.
+"""
+
+from ribbed.nn import cnn, gpt, gru, mlp  # noqa: F401  (importing registers the models)
+from ribbed.nn.checkpointing import CHECKPOINT_POLICIES, set_checkpointing
+from ribbed.nn.registry import ModelError, build_model, list_models, register_model
+
+__all__ = [
+    "CHECKPOINT_POLICIES",
+    "ModelError",
+    "build_model",
+    "list_models",
+    "register_model",
+    "set_checkpointing",
+]

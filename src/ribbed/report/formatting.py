@@ -1,0 +1,100 @@
+"""Plain-text formatting of summary numbers, shared by the HTML and Markdown reports.
+
+Every function returns unescaped text; the renderer escapes it for its format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+MISSING = "—"
+
+
+def number(x: float | int | None, digits: int = 4) -> str:
+    """``x`` with ``digits`` significant figures; ``—`` for None or NaN."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return MISSING
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    return str(x) if isinstance(x, int) else f"{x:.{digits}g}"
+
+
+def estimate(mean: float | None, low: float | None, high: float | None) -> str:
+    """``mean ± half-width`` of a symmetric interval, or the mean alone when undefined."""
+    if mean is None:
+        return MISSING
+    if low is None or high is None:
+        return f"{number(mean)} (no CI)"
+    return f"{number(mean)} ± {number((high - low) / 2, 2)}"
+
+
+def p_value(p: float | None) -> str:
+    """Table form of a p-value: two significant figures, ``<0.001`` below that."""
+    if p is None:
+        return MISSING
+    return "<0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def p_clause(p: float | None) -> str:
+    """Prose form of a p-value: ``p=0.41``, ``p<0.001`` or ``no test possible``."""
+    if p is None:
+        return "no test possible"
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+
+
+def steps(x: float | None) -> str:
+    """A (mean) step count as a whole number."""
+    return MISSING if x is None else str(round(x))
+
+
+def seconds(x: float | None) -> str:
+    """Seconds with one decimal, e.g. ``12.3 s``."""
+    return MISSING if x is None else f"{x:.1f} s"
+
+
+def run_status(run: Mapping[str, Any]) -> str:
+    """A run's status, naming the step of divergence when known."""
+    if run["status"] == "diverged" and run.get("diverged_at") is not None:
+        return f"diverged at step {run['diverged_at']}"
+    return str(run["status"])
+
+
+def target(summary: Mapping[str, Any]) -> str:
+    """The comparison target as ``val_acc ≥ 0.9``, or ``none``."""
+    spec = summary.get("target")
+    if not spec:
+        return "none"
+    relation = "≥" if spec["mode"] == "max" else "≤"
+    return f"{spec['metric']} {relation} {number(spec['value'])}"
+
+
+def direction(mode: str) -> str:
+    """Which way a metric improves, in words."""
+    return "higher is better" if mode == "max" else "lower is better"
+
+
+def mapping(values: Mapping[str, Any]) -> str:
+    """A flat ``key = value`` line per entry; nested values inline."""
+    return "\n".join(f"{key} = {number(value)}" for key, value in values.items())
+
+
+def compare_line(row: Mapping[str, Any], baseline: str) -> str | None:
+    """A plain sentence for an aggregate row that does not beat the baseline, else None.
+
+    Example: ``sgd on mnist1d/cnn1d: no significant difference from adamw (p=0.41)``.
+    """
+    verdict = row["verdict"]
+    if verdict in ("baseline", "better"):
+        return None
+    where = f"{row['method']} on {row['dataset']}"
+    if verdict == "worse":
+        sentence = f"{where}: worse than {baseline} ({p_clause(row['p_value'])})"
+    elif verdict == "no significant difference":
+        sentence = f"{where}: no significant difference from {baseline} ({p_clause(row['p_value'])})"
+    else:
+        sentence = f"{where}: {verdict} to compare with {baseline} (n={row['n']} completed)"
+    if row.get("n_diverged"):
+        sentence += f"; {row['n_diverged']} run(s) diverged"
+    return sentence

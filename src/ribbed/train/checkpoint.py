@@ -1,0 +1,68 @@
+"""Training checkpoints that resume exactly and load safely.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain containers (model,
+optimiser, scheduler and scaler states, RNG state, loop counters, metric history), so it
+loads with ``weights_only=True``: no arbitrary code runs when a checkpoint is opened. It is
+written to a temporary file and moved into place with ``os.replace``, so a process killed
+mid-write leaves the previous checkpoint intact, never a corrupt one. Final weights are also
+written as safetensors for use outside ribbed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = ["save_checkpoint", "load_checkpoint", "save_weights", "CheckpointError"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing or unreadable."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Atomically write ``state`` (tensors and plain Python containers only) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged files
+        raise CheckpointError(f"cannot load checkpoint {str(path)!r}: {exc}") from None
+
+
+def save_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Write the model's tensors as safetensors (tied weights stored once, contiguous)."""
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr()
+        if key in seen and tensor.numel():
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous().cpu()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,339 @@
+"""The one training loop.
+
+Read :func:`train` top to bottom: it builds nothing itself (see :func:`build_run`), then for
+each optimiser step obtains gradients through the configured gradient method (one call per
+micro-batch, so accumulation is exact), checks the loss is finite, unscales, clips, steps the
+optimiser and the schedule, and every ``eval_every`` steps evaluates on the validation split,
+records a metrics row and checks the target. Checkpoints are taken every
+``checkpoint_every`` steps and a run resumes from one to the same result as an
+uninterrupted run. Evaluation time is excluded from the training clock, so "seconds to
+target" measures training only.
+
+Plug-in points rather than copies: the gradient method (``ribbed.train.gradients``), the
+optimiser (``ribbed.optim``), the precision policy, callbacks, and the run record/trackers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ribbed.config import RunConfig
+from ribbed.data import Dataset, Split, load_dataset
+from ribbed.nn import build_model, set_checkpointing
+from ribbed.optim import build_optimizer
+from ribbed.train.batches import BatchStream
+from ribbed.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from ribbed.train.gradients import GradientMethod, build_gradient_method
+from ribbed.train.precision import Precision
+from ribbed.train.schedule import build_scheduler
+
+__all__ = ["Callback", "RunParts", "TrainResult", "build_run", "evaluate", "task_loss", "train"]
+
+TARGET_METRICS = ("val_acc", "val_loss", "train_loss")
+CHECKPOINT_FILE = "last.pt"
+
+
+class Callback(Protocol):
+    """Observer of a run; every method is optional."""
+
+    def on_step(self, step: int, loss: float) -> None: ...
+
+    def on_eval(self, row: dict[str, float]) -> None: ...
+
+
+@dataclass
+class RunParts:
+    """Everything :func:`train` needs, built and validated before any file is written."""
+
+    config: RunConfig
+    dataset: Dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
+    gradient_method: GradientMethod
+    batches: BatchStream
+    device: torch.device
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``summary()`` is its JSON-serialisable record."""
+
+    status: str
+    steps: int
+    final: dict[str, float]
+    history: list[dict[str, float]]
+    steps_to_target: int | None
+    seconds_to_target: float | None
+    train_seconds: float
+    diverged_at: int | None
+    model: nn.Module = field(repr=False)
+    optimizer: torch.optim.Optimizer = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "steps": self.steps,
+            "final": self.final,
+            "steps_to_target": self.steps_to_target,
+            "seconds_to_target": self.seconds_to_target,
+            "train_seconds": self.train_seconds,
+            "diverged_at": self.diverged_at,
+        }
+
+
+def task_loss(task: str):
+    """Cross-entropy over classes (classification) or over tokens (language modelling)."""
+    if task == "language-modeling":
+        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return F.cross_entropy
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: got 'cuda' but no CUDA device is available; allowed: cpu, auto")
+    return torch.device(name)
+
+
+def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
+    """Build data, model, optimiser and policies from ``config``; raise on any bad setting."""
+    train_cfg = config.train
+    if train_cfg.target and train_cfg.target.metric not in TARGET_METRICS:
+        raise ValueError(
+            f"train.target.metric: got {train_cfg.target.metric!r}; allowed: {', '.join(TARGET_METRICS)}"
+        )
+    if config.data.batch_size % train_cfg.grad_accum:
+        raise ValueError(
+            f"train.grad_accum: got {train_cfg.grad_accum}; allowed: a divisor of "
+            f"data.batch_size ({config.data.batch_size})"
+        )
+    device = _resolve_device(train_cfg.device)
+    if dataset is None:
+        dataset = load_dataset(
+            config.data.name,
+            seed=config.data.seed,
+            val_fraction=config.data.val_fraction,
+            **config.data.options,
+        )
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model.name,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        task=dataset.task,
+        **config.model.options,
+    ).to(device)
+    set_checkpointing(model, train_cfg.checkpointing)
+    optimizer = build_optimizer(
+        config.optimizer.name, model, lr=config.optimizer.lr, **config.optimizer.options
+    )
+    gradient_method = build_gradient_method(train_cfg.gradient_method)
+    gradient_method.attach(model)
+    return RunParts(
+        config=config,
+        dataset=dataset,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, total_steps=train_cfg.steps, config=config.schedule),
+        precision=Precision(train_cfg.precision, device.type),
+        gradient_method=gradient_method,
+        batches=BatchStream(
+            dataset.train, batch_size=config.data.batch_size, seed=config.seed, device=device
+        ),
+        device=device,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    *,
+    task: str,
+    batch_size: int,
+    precision: Precision,
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean loss and accuracy (per sample, or per token for language modelling)."""
+    was_training = model.training
+    model.eval()
+    loss_fn = task_loss(task)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = 0
+    for start in range(0, len(split), batch_size):
+        x = split.x[start : start + batch_size].to(device)
+        y = split.y[start : start + batch_size].to(device)
+        with precision.autocast():
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        total_loss += loss.double() * y.numel()
+        correct += (logits.argmax(-1) == y).sum()
+        count += y.numel()
+    model.train(was_training)
+    return {"loss": (total_loss / count).item(), "acc": correct.item() / count}
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled or previous)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _reached(value: float, target) -> bool:
+    return value >= target.value if target.mode == "max" else value <= target.value
+
+
+def train(
+    parts: RunParts,
+    *,
+    record=None,
+    callbacks: Sequence[Callback] = (),
+    resume: bool = False,
+    evaluate_test: bool = True,
+) -> TrainResult:
+    """Train ``parts.model``; write metrics, checkpoints and weights into ``record`` if given.
+
+    Args:
+        parts: what :func:`build_run` returned.
+        record: a ``ribbed.runs.RunRecord``; ``None`` trains in memory only.
+        callbacks: observers (progress bars, extra metrics).
+        resume: continue from the record's last checkpoint (exactly, including RNG state).
+        evaluate_test: evaluate on the test split at the end (tuning trials skip it).
+    """
+    config, model, optimizer = parts.config, parts.model, parts.optimizer
+    cfg = config.train
+    loss_fn = task_loss(parts.dataset.task)
+    micro = config.data.batch_size // cfg.grad_accum
+    target = cfg.target
+    tracker = None
+    if record is not None:
+        from ribbed.runs import build_tracker
+
+        tracker = build_tracker(config.trackers, record)
+        checkpoint_path = record.checkpoint_dir / CHECKPOINT_FILE
+
+    step, train_seconds, history = 0, 0.0, []
+    steps_to_target = seconds_to_target = diverged_at = None
+    if resume and record is not None and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        parts.precision.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
+        steps_to_target, seconds_to_target = state["steps_to_target"], state["seconds_to_target"]
+        record.truncate_metrics_after(step)
+    elif record is not None:
+        record.truncate_metrics_after(-1)
+        tracker.log_config(config.model_dump(mode="json"))
+
+    def evaluate_split(split: Split) -> dict[str, float]:
+        return evaluate(
+            model, split, task=parts.dataset.task, batch_size=config.data.eval_batch_size,
+            precision=parts.precision, device=parts.device,
+        )
+
+    model.train()
+    window_loss, window_steps = 0.0, 0
+    with _deterministic(cfg.deterministic):
+        while step < cfg.steps:
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            x, y = parts.batches.batch(step)
+            loss = torch.zeros((), device=parts.device)
+            for part in range(cfg.grad_accum):
+                rows = slice(part * micro, (part + 1) * micro)
+                loss += parts.gradient_method.accumulate(
+                    model, x[rows], y[rows], loss_fn, parts.precision, 1.0 / cfg.grad_accum
+                ).float()
+            loss_value = loss.item() / cfg.grad_accum
+            if not math.isfinite(loss_value):
+                diverged_at = step
+                break
+            if cfg.clip_grad_norm is not None:
+                parts.precision.unscale(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            parts.precision.step(optimizer)
+            parts.scheduler.step()
+            step += 1
+            train_seconds += time.perf_counter() - started
+            window_loss, window_steps = window_loss + loss_value, window_steps + 1
+            for callback in callbacks:
+                if hasattr(callback, "on_step"):
+                    callback.on_step(step, loss_value)
+
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val = evaluate_split(parts.dataset.val)
+                row = {
+                    "step": step,
+                    "time": train_seconds,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "train_loss": window_loss / window_steps,
+                    "val_loss": val["loss"],
+                    "val_acc": val["acc"],
+                }
+                window_loss, window_steps = 0.0, 0
+                history.append(row)
+                if tracker is not None:
+                    tracker.log_metrics(row, step)
+                for callback in callbacks:
+                    if hasattr(callback, "on_eval"):
+                        callback.on_eval(row)
+                if target and steps_to_target is None and _reached(row[target.metric], target):
+                    steps_to_target, seconds_to_target = step, train_seconds
+                    if cfg.stop_at_target:
+                        break
+            if record is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint(checkpoint_path, {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": parts.scheduler.state_dict(),
+                    "scaler": parts.precision.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "step": step,
+                    "train_seconds": train_seconds,
+                    "history": history,
+                    "steps_to_target": steps_to_target,
+                    "seconds_to_target": seconds_to_target,
+                })
+
+    final: dict[str, float] = {}
+    if diverged_at is None:
+        final = {f"val_{k}": v for k, v in evaluate_split(parts.dataset.val).items()}
+        if evaluate_test:
+            final.update({f"test_{k}": v for k, v in evaluate_split(parts.dataset.test).items()})
+    result = TrainResult(
+        status="diverged" if diverged_at is not None else "completed",
+        steps=step,
+        final=final,
+        history=history,
+        steps_to_target=steps_to_target,
+        seconds_to_target=seconds_to_target,
+        train_seconds=train_seconds,
+        diverged_at=diverged_at,
+        model=model,
+        optimizer=optimizer,
+    )
+    if record is not None:
+        save_weights(record.path / "model.safetensors", model)
+        tracker.close()
+        record.finish(result.status, {k: v for k, v in result.summary().items() if k != "status"})
+    return result

@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated dataset cache for the whole session and tiny run configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ribbed.config import RunConfig
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Keep generated datasets out of the user's cache; share them across tests."""
+    previous = os.environ.get("RIBBED_CACHE_DIR")
+    os.environ["RIBBED_CACHE_DIR"] = str(tmp_path_factory.mktemp("ribbed-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("RIBBED_CACHE_DIR", None)
+    else:
+        os.environ["RIBBED_CACHE_DIR"] = previous
+
+
+TINY = {
+    "name": "tiny",
+    "data": {"name": "digits", "batch_size": 64},
+    "model": {"name": "mlp", "options": {"hidden": [32, 32]}},
+    "optimizer": {"name": "adamw", "lr": 0.01},
+    "schedule": {"kind": "cosine", "warmup_steps": 5},
+    "train": {"steps": 40, "eval_every": 10},
+}
+
+
+def tiny_dict(**sections) -> dict:
+    """The tiny digits/MLP run as a dict, with sections updated (e.g. ``train={"steps": 5}``)."""
+    doc = {key: dict(value) if isinstance(value, dict) else value for key, value in TINY.items()}
+    for key, value in sections.items():
+        doc[key] = {**doc[key], **value} if isinstance(value, dict) else value
+    return doc
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory of tiny RunConfigs: ``tiny_config(train={"steps": 5})``."""
+    return lambda **sections: RunConfig.model_validate(tiny_dict(**sections))
