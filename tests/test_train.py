@@ -9,7 +9,7 @@ import torch
 
 from ribbed.config import ScheduleConfig
 from ribbed.data import load_dataset
-from ribbed.train import build_run, train
+from ribbed.train import TrainingPlugin, build_run, register_plugin, train
 from ribbed.train.batches import BatchStream
 from ribbed.train.schedule import lr_factor
 
@@ -141,3 +141,71 @@ def test_batches_are_a_function_of_seed_and_step(digits):
     assert epoch.shape[0] == stream.steps_per_epoch * 50
     other_epoch = stream.batch(stream.steps_per_epoch)[0]
     assert not torch.equal(other_epoch, stream.batch(0)[0])
+
+
+
+@register_plugin("test-counter", "counts hooks and zeroes the first layer's gradient (tests only)")
+class CounterPlugin(TrainingPlugin):
+    def __init__(self, freeze_first: bool = False):
+        self.freeze_first, self.before, self.after = freeze_first, 0, 0
+
+    def attach(self, parts):
+        self.first = next(m for m in parts.model.modules() if isinstance(m, torch.nn.Linear))
+
+    def before_step(self, step):
+        assert step == self.before
+        self.before += 1
+        if self.freeze_first:
+            self.first.weight.grad.zero_()
+
+    def after_step(self, step):
+        self.after += 1
+
+    def metrics(self):
+        return {"plugin_steps": float(self.after)}
+
+    def state_dict(self):
+        return {"before": self.before, "after": self.after}
+
+    def load_state_dict(self, state):
+        self.before, self.after = state["before"], state["after"]
+
+
+def test_plugins_see_every_step_and_report_metrics(tiny_config, digits):
+    config = tiny_config(optimizer={"name": "sgd", "lr": 0.1}, train={
+        "steps": 20, "eval_every": 10, "plugins": [{"name": "test-counter", "options": {"freeze_first": True}}]})
+    parts = build_run(config, digits)
+    before = parts.plugins[0].first.weight.detach().clone()
+    result = train(parts, evaluate_test=False)
+    assert [row["plugin_steps"] for row in result.history] == [10.0, 20.0]
+    torch.testing.assert_close(parts.plugins[0].first.weight, before, rtol=0, atol=0)
+
+
+def test_unknown_plugins_samplers_and_options_are_named(tiny_config, digits):
+    with pytest.raises(ValueError, match="train.plugins.*'nope'.*allowed: .*test-counter"):
+        build_run(tiny_config(train={"plugins": [{"name": "nope"}]}), digits)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['speed'\]"):
+        build_run(tiny_config(train={"plugins": [{"name": "test-counter", "options": {"speed": 1}}]}), digits)
+    with pytest.raises(ValueError, match="data.sampler.*'sorted'.*allowed: shuffle"):
+        build_run(tiny_config(data={"sampler": {"name": "sorted"}}), digits)
+    with pytest.raises(ValueError, match="train.gradient_method.*allowed: backprop"):
+        build_run(tiny_config(train={"gradient_method": "magic"}), digits)
+
+
+def test_auxiliary_losses_reach_the_gradient(digits):
+    from ribbed.nn import add_aux_loss, pop_aux_loss
+    from ribbed.train import Backprop, Precision
+
+    class Penalised(torch.nn.Linear):
+        def forward(self, x):
+            add_aux_loss(self, 10.0 * self.weight.pow(2).sum())
+            return super().forward(x)
+
+    model = Penalised(64, 10)
+    x, y = digits.train.x[:8].flatten(1), digits.train.y[:8]
+    Backprop().accumulate(model, x, y, torch.nn.functional.cross_entropy, Precision("fp32", "cpu"), 1.0)
+    expected = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, model.weight, model.bias), y)
+        + 10.0 * model.weight.pow(2).sum(), model.weight)[0]
+    torch.testing.assert_close(model.weight.grad, expected)
+    assert pop_aux_loss(model) is None

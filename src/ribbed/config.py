@@ -38,6 +38,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "PluginConfig",
+    "SamplerConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ScheduleConfig",
@@ -64,6 +66,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SamplerConfig(_Strict):
+    """How training batches are drawn (``ribbed.train.batches`` registry); default: shuffle."""
+
+    name: str = "shuffle"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class DataConfig(_Strict):
     """Which dataset, how it is split and batched. ``options`` go to the dataset loader."""
 
@@ -73,6 +82,7 @@ class DataConfig(_Strict):
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 1024
     options: dict[str, Any] = Field(default_factory=dict)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
 
 
 class ModelConfig(_Strict):
@@ -106,6 +116,13 @@ class TargetConfig(_Strict):
     mode: Literal["max", "min"] = "max"
 
 
+class PluginConfig(_Strict):
+    """A training plug-in (``ribbed.train.plugins`` registry) and its options."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class TrainConfig(_Strict):
     """How the training loop runs."""
 
@@ -120,6 +137,8 @@ class TrainConfig(_Strict):
     checkpoint_every: PositiveInt | None = None
     deterministic: bool = False
     gradient_method: str = "backprop"
+    gradient_options: dict[str, Any] = Field(default_factory=dict)
+    plugins: list[PluginConfig] = Field(default_factory=list)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
 
 

@@ -8,14 +8,17 @@ activation checkpointing for any of them.
 """
 
 from ribbed.nn import cnn, gpt, gru, mlp  # noqa: F401  (importing registers the models)
+from ribbed.nn.auxiliary import add_aux_loss, pop_aux_loss
 from ribbed.nn.checkpointing import CHECKPOINT_POLICIES, set_checkpointing
 from ribbed.nn.registry import ModelError, build_model, list_models, register_model
 
 __all__ = [
     "CHECKPOINT_POLICIES",
     "ModelError",
+    "add_aux_loss",
     "build_model",
     "list_models",
+    "pop_aux_loss",
     "register_model",
     "set_checkpointing",
 ]

@@ -9,14 +9,14 @@ that need the model itself (RIBBED attaches forward hooks) register the same way
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["OptimizerError", "build_optimizer", "list_optimizers", "register_optimizer"]
+from ribbed.registry import Registry, check_options
+
+__all__ = ["OPTIMIZERS", "OptimizerError", "build_optimizer", "list_optimizers", "register_optimizer"]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -25,31 +25,22 @@ class OptimizerError(ValueError):
     """An optimiser name, option or value that cannot be used."""
 
 
-@dataclass(frozen=True)
-class _Entry:
-    factory: OptimizerFactory
-    description: str
-    signature_of: Callable  # whose keyword arguments are the allowed options
-
-
-_REGISTRY: dict[str, _Entry] = {}
+OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry(
+    "optimiser", "optimizer.name", positional=("params", "model", "lr")
+)
 
 
 def register_optimizer(name: str, description: str, signature_of: Callable | None = None):
-    """Register ``factory(model, lr, **options)`` under ``name``."""
+    """Register ``factory(model, lr, **options)`` under ``name``.
 
-    def decorate(factory: OptimizerFactory) -> OptimizerFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"optimiser {name!r} is already registered")
-        _REGISTRY[name] = _Entry(factory, description, signature_of or factory)
-        return factory
-
-    return decorate
+    ``signature_of`` is whose keyword arguments are the allowed options (default: the factory).
+    """
+    return OPTIMIZERS.register(name, description, signature_of)
 
 
 def list_optimizers() -> dict[str, str]:
     """Registered names and their one-line descriptions."""
-    return {name: entry.description for name, entry in sorted(_REGISTRY.items())}
+    return OPTIMIZERS.describe()
 
 
 def _torch_optimizer(cls: type[torch.optim.Optimizer], description: str, **defaults):
@@ -74,7 +65,7 @@ def _import_class(path: str) -> Callable:
     except ImportError as exc:
         raise OptimizerError(
             f"optimizer.name {path!r}: cannot import module {module_name!r} ({exc}); "
-            f"registered names: {', '.join(_REGISTRY)}"
+            f"registered names: {', '.join(OPTIMIZERS.names())}"
         ) from None
     target = getattr(module, attr, None)
     if not callable(target):
@@ -82,35 +73,22 @@ def _import_class(path: str) -> Callable:
     return target
 
 
-def _check_options(name: str, signature_of: Callable, options: dict) -> None:
-    params = inspect.signature(signature_of).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = [p for p in params if p not in ("self", "params", "model", "lr")]
-    unknown = [key for key in options if key not in allowed]
-    if unknown:
-        raise OptimizerError(
-            f"optimizer.options for {name!r}: unknown option(s) {unknown}; "
-            f"allowed: {', '.join(allowed)}"
-        )
-
-
 def build_optimizer(name: str, model: nn.Module, *, lr: float, **options) -> torch.optim.Optimizer:
     """Build the optimiser ``name`` (registry name or ``package.module.Class``) for ``model``."""
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        if "." not in name:
-            raise OptimizerError(
-                f"optimizer.name {name!r} is not registered; registered names: "
-                f"{', '.join(_REGISTRY)}; or give an import path such as torch.optim.AdamW"
-            )
+    if name in OPTIMIZERS:
+        entry = OPTIMIZERS.entry(name)
+        factory, signature_of = entry.factory, entry.signature_of
+    elif "." in name:
         cls = _import_class(name)
-        _check_options(name, cls, options)
-        factory: OptimizerFactory = lambda model, lr, **kw: cls(model.parameters(), lr=lr, **kw)  # noqa: E731
+        factory = lambda model, lr, **kw: cls(model.parameters(), lr=lr, **kw)  # noqa: E731
+        signature_of = cls
     else:
-        _check_options(name, entry.signature_of, options)
-        factory = entry.factory
+        raise OptimizerError(
+            f"optimizer.name {name!r} is not registered; registered names: "
+            f"{', '.join(OPTIMIZERS.names())}; or give an import path such as torch.optim.AdamW"
+        )
     try:
+        check_options("optimizer.options", name, signature_of, options, OPTIMIZERS.positional)
         optimizer = factory(model, lr, **options)
     except (TypeError, ValueError) as exc:
         raise OptimizerError(f"optimizer {name!r} with lr={lr} and options {options}: {exc}") from None

@@ -1,5 +1,6 @@
 """The training loop and its plug-ins (schedules, precision, gradient methods, checkpoints)."""
 
+from ribbed.train.batches import Sampler, build_sampler, list_samplers, register_sampler
 from ribbed.train.gradients import (
     Backprop,
     GradientMethod,
@@ -8,6 +9,7 @@ from ribbed.train.gradients import (
     register_gradient_method,
 )
 from ribbed.train.loop import Callback, RunParts, TrainResult, build_run, evaluate, task_loss, train
+from ribbed.train.plugins import TrainingPlugin, build_plugin, list_plugins, register_plugin
 from ribbed.train.precision import Precision
 
 __all__ = [
@@ -16,12 +18,20 @@ __all__ = [
     "GradientMethod",
     "Precision",
     "RunParts",
+    "Sampler",
     "TrainResult",
+    "TrainingPlugin",
     "build_gradient_method",
+    "build_plugin",
     "build_run",
+    "build_sampler",
     "evaluate",
     "list_gradient_methods",
+    "list_plugins",
+    "list_samplers",
     "register_gradient_method",
+    "register_plugin",
+    "register_sampler",
     "task_loss",
     "train",
 ]

@@ -10,13 +10,48 @@ Incomplete final batches of an epoch are dropped so every step has the same size
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from ribbed.data import Split
+from ribbed.registry import Registry, check_options
 
-__all__ = ["BatchStream"]
+__all__ = ["SAMPLERS", "BatchStream", "Sampler", "build_sampler", "list_samplers", "register_sampler"]
 
 
+class Sampler(Protocol):
+    """Gives the batch of every optimiser step; a pure function of the step for exact resume."""
+
+    steps_per_epoch: int
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+SAMPLERS: Registry[Sampler] = Registry(
+    "sampler", "data.sampler", positional=("split", "batch_size", "seed", "device")
+)
+
+
+def register_sampler(name: str, description: str):
+    """Register ``factory(split, *, batch_size, seed, device, **options) -> Sampler``."""
+    return SAMPLERS.register(name, description)
+
+
+def list_samplers() -> dict[str, str]:
+    return SAMPLERS.describe()
+
+
+def build_sampler(
+    name: str, split: Split, *, batch_size: int, seed: int, device: torch.device, **options
+) -> Sampler:
+    """The sampler ``name`` over ``split``; unknown names and options are errors."""
+    entry = SAMPLERS.entry(name)
+    check_options(SAMPLERS.field, name, entry.signature_of, options, SAMPLERS.positional)
+    return entry.factory(split, batch_size=batch_size, seed=seed, device=device, **options)
+
+
+@register_sampler("shuffle", "a fresh random permutation each epoch (the default)")
 class BatchStream:
     """Batches of ``batch_size`` samples of ``split`` for each optimiser step."""
 

@@ -14,10 +14,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ribbed.nn.auxiliary import pop_aux_loss
+from ribbed.registry import Registry
 from ribbed.train.precision import Precision
 
-__all__ = ["GradientMethod", "Backprop", "build_gradient_method", "register_gradient_method",
-           "list_gradient_methods"]
+__all__ = ["GRADIENT_METHODS", "Backprop", "GradientMethod", "build_gradient_method",
+           "list_gradient_methods", "register_gradient_method"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,7 +43,11 @@ class GradientMethod(Protocol):
 
 
 class Backprop:
-    """Reverse-mode automatic differentiation of the loss: ``loss.backward()``."""
+    """Reverse-mode automatic differentiation of the loss: ``loss.backward()``.
+
+    Auxiliary losses that layers recorded during the forward pass (``ribbed.nn.add_aux_loss``)
+    are added to the task loss for the backward pass; the returned loss is the task loss.
+    """
 
     def attach(self, model: nn.Module) -> None:
         return None
@@ -49,34 +55,25 @@ class Backprop:
     def accumulate(self, model, x, y, loss_fn, precision, loss_scale):
         with precision.autocast():
             loss = loss_fn(model(x), y)
-        precision.backward(loss * loss_scale if loss_scale != 1.0 else loss)
+            aux = pop_aux_loss(model)
+        total = loss if aux is None else loss + aux
+        precision.backward(total * loss_scale if loss_scale != 1.0 else total)
         return loss.detach()
 
 
-_REGISTRY: dict[str, tuple[Callable[[], GradientMethod], str]] = {
-    "backprop": (Backprop, "reverse-mode autodiff of the loss (loss.backward())"),
-}
+GRADIENT_METHODS: Registry[GradientMethod] = Registry("gradient method", "train.gradient_method")
+GRADIENT_METHODS.register("backprop", "reverse-mode autodiff of the loss (loss.backward())")(Backprop)
 
 
 def register_gradient_method(name: str, description: str):
-    """Register a zero-argument factory of a :class:`GradientMethod` under ``name``."""
-
-    def decorate(factory):
-        if name in _REGISTRY:
-            raise ValueError(f"gradient method {name!r} is already registered")
-        _REGISTRY[name] = (factory, description)
-        return factory
-
-    return decorate
+    """Register a :class:`GradientMethod` factory; its keyword arguments are its options."""
+    return GRADIENT_METHODS.register(name, description)
 
 
 def list_gradient_methods() -> dict[str, str]:
-    return {name: description for name, (_, description) in sorted(_REGISTRY.items())}
+    return GRADIENT_METHODS.describe()
 
 
-def build_gradient_method(name: str) -> GradientMethod:
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"train.gradient_method: got {name!r}; allowed: {', '.join(sorted(_REGISTRY))}"
-        )
-    return _REGISTRY[name][0]()
+def build_gradient_method(name: str, **options) -> GradientMethod:
+    """The gradient method ``name`` built with ``options`` (``train.gradient_options``)."""
+    return GRADIENT_METHODS.build(name, **options)

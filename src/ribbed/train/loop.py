@@ -10,7 +10,9 @@ uninterrupted run. Evaluation time is excluded from the training clock, so "seco
 target" measures training only.
 
 Plug-in points rather than copies: the gradient method (``ribbed.train.gradients``), the
-optimiser (``ribbed.optim``), the precision policy, callbacks, and the run record/trackers.
+optimiser (``ribbed.optim``), the batch sampler (``ribbed.train.batches``), training
+plug-ins that act before and after each step (``ribbed.train.plugins``), the precision
+policy, callbacks, and the run record/trackers.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from ribbed.config import RunConfig
 from ribbed.data import Dataset, Split, load_dataset
 from ribbed.nn import build_model, set_checkpointing
 from ribbed.optim import build_optimizer
-from ribbed.train.batches import BatchStream
+from ribbed.train.batches import Sampler, build_sampler
 from ribbed.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from ribbed.train.gradients import GradientMethod, build_gradient_method
+from ribbed.train.plugins import TrainingPlugin, build_plugin
 from ribbed.train.precision import Precision
 from ribbed.train.schedule import build_scheduler
 
@@ -61,8 +64,9 @@ class RunParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
     gradient_method: GradientMethod
-    batches: BatchStream
+    batches: Sampler
     device: torch.device
+    plugins: list[TrainingPlugin] = field(default_factory=list)
 
 
 @dataclass
@@ -139,9 +143,10 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
     optimizer = build_optimizer(
         config.optimizer.name, model, lr=config.optimizer.lr, **config.optimizer.options
     )
-    gradient_method = build_gradient_method(train_cfg.gradient_method)
+    gradient_method = build_gradient_method(train_cfg.gradient_method, **train_cfg.gradient_options)
     gradient_method.attach(model)
-    return RunParts(
+    sampler = config.data.sampler
+    parts = RunParts(
         config=config,
         dataset=dataset,
         model=model,
@@ -149,11 +154,16 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
         scheduler=build_scheduler(optimizer, total_steps=train_cfg.steps, config=config.schedule),
         precision=Precision(train_cfg.precision, device.type),
         gradient_method=gradient_method,
-        batches=BatchStream(
-            dataset.train, batch_size=config.data.batch_size, seed=config.seed, device=device
+        batches=build_sampler(
+            sampler.name, dataset.train, batch_size=config.data.batch_size, seed=config.seed,
+            device=device, **sampler.options,
         ),
         device=device,
+        plugins=[build_plugin(plugin.name, plugin.options) for plugin in train_cfg.plugins],
     )
+    for plugin in parts.plugins:
+        plugin.attach(parts)
+    return parts
 
 
 @torch.no_grad()
@@ -237,6 +247,8 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         parts.scheduler.load_state_dict(state["scheduler"])
         parts.precision.load_state_dict(state["scaler"])
+        for plugin, plugin_state in zip(parts.plugins, state["plugins"], strict=True):
+            plugin.load_state_dict(plugin_state)
         torch.set_rng_state(state["rng"])
         step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
         steps_to_target, seconds_to_target = state["steps_to_target"], state["seconds_to_target"]
@@ -268,11 +280,16 @@ def train(
             if not math.isfinite(loss_value):
                 diverged_at = step
                 break
-            if cfg.clip_grad_norm is not None:
+            if cfg.clip_grad_norm is not None or parts.plugins:
                 parts.precision.unscale(optimizer)
+            for plugin in parts.plugins:
+                plugin.before_step(step)
+            if cfg.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
             parts.precision.step(optimizer)
             parts.scheduler.step()
+            for plugin in parts.plugins:
+                plugin.after_step(step)
             step += 1
             train_seconds += time.perf_counter() - started
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
@@ -290,6 +307,8 @@ def train(
                     "val_loss": val["loss"],
                     "val_acc": val["acc"],
                 }
+                for plugin in parts.plugins:
+                    row.update(plugin.metrics())
                 window_loss, window_steps = 0.0, 0
                 history.append(row)
                 if tracker is not None:
@@ -307,6 +326,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": parts.scheduler.state_dict(),
                     "scaler": parts.precision.state_dict(),
+                    "plugins": [plugin.state_dict() for plugin in parts.plugins],
                     "rng": torch.get_rng_state(),
                     "step": step,
                     "train_seconds": train_seconds,
