@@ -179,3 +179,43 @@ def test_datasets_and_presets_are_listed():
 def test_python_dash_m_works(module_args):
     out = subprocess.run([sys.executable, *module_args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "run" in out.stdout
+
+
+def test_a_study_records_tables_figures_and_child_runs(tmp_path):
+    from matplotlib.figure import Figure
+
+    from ribbed.config import RunConfig
+    from ribbed.experiments.studies import FigureSpec, StudyResult, Table, register_study
+
+    @register_study("test-squares", "tests only: a table, a figure and one child run")
+    def squares(context, size: int = 3):
+        figure = Figure(figsize=(3, 2))
+        figure.add_subplot().plot(range(size), [i * i for i in range(size)])
+        record, result = context.train(RunConfig.model_validate(tiny_dict(train={"steps": 10, "eval_every": 10})),
+                                       method="adamw")
+        return StudyResult(
+            tables=[Table("squares <b>", ["n", "n^2"], [[i, i * i] for i in range(size)], note="exact")],
+            figures=[FigureSpec("squares", figure, "n against n squared")],
+            findings=[f"child run reached {result.final['test_acc']:.2f}"],
+        )
+
+    config = _write_config(tmp_path / "study.yaml", {"kind": "study", "name": "sq", "study": "test-squares",
+                                                     "options": {"size": 4}})
+    runs_dir = tmp_path / "runs"
+    result = _invoke("run", str(config), "--runs-dir", str(runs_dir))
+    assert result.exit_code == 0, result.output
+    (study,) = list_runs(runs_dir, kind="study")
+    (child,) = list_runs(runs_dir, parent=study["id"])
+    assert child["status"] == "completed"
+    record = open_run(runs_dir, study["id"])
+    html = (record.path / "report.html").read_text()
+    assert "squares &lt;b&gt;" in html and html.count("data:image/png;base64,") == 1
+    assert "| 3 | 9 |" in (record.path / "report.md").read_text()
+    assert (record.path / "figures" / "01-squares.png").is_file()
+    bad = _write_config(tmp_path / "bad.yaml", {"kind": "study", "name": "sq", "study": "test-squares",
+                                                "options": {"sise": 4}})
+    result = _invoke("run", str(bad), "--runs-dir", str(runs_dir))
+    assert result.exit_code == 2 and "sise" in result.output
+    assert len(list_runs(runs_dir, kind="study")) == 1
+    rerendered = _invoke("report", study["id"], "--runs-dir", str(runs_dir))
+    assert rerendered.exit_code == 0, rerendered.output

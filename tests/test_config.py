@@ -10,6 +10,7 @@ from ribbed.config import (
     ComparisonConfig,
     ConfigError,
     RunConfig,
+    StudyConfig,
     apply_overrides,
     config_from_dict,
     load_config,
@@ -25,8 +26,9 @@ BAD_DOCUMENTS = [
     ({"train": {"precision": "fp8"}}, "train.precision", "'fp32', 'bf16' or 'fp16'"),
     ({"data": {"val_fraction": 1.5}}, "data.val_fraction", "1.5"),
     ({"data": "digits"}, "data", "'digits'"),
-    ({"kind": "sweep"}, "kind", "allowed: 'run' or 'comparison'"),
-    ({"kind": ["run"]}, "kind", "allowed: 'run' or 'comparison'"),
+    ({"kind": "sweep"}, "kind", "allowed: 'run', 'comparison' or 'study'"),
+    ({"kind": ["run"]}, "kind", "allowed: 'run', 'comparison' or 'study'"),
+    ({"kind": "study", "name": "s"}, "study", "Field required"),
     ({"kind": "comparison", "name": "c", "baseline": "x",
       "methods": {"a": {"optimizer": {}}}}, "baseline", "not one of the methods"),
     ({"kind": "comparison", "name": "c", "baseline": "a", "methods": {"a": {
@@ -79,7 +81,7 @@ def test_broken_and_missing_files_are_config_errors(tmp_path):
 @pytest.mark.parametrize("name", sorted(list_presets()))
 def test_every_preset_is_a_valid_config(name):
     config = load_config(preset_path(name))
-    assert isinstance(config, (RunConfig, ComparisonConfig))
+    assert isinstance(config, (RunConfig, ComparisonConfig, StudyConfig))
 
 
 def test_default_preset_records_where_its_hyperparameters_come_from():
@@ -142,3 +144,23 @@ def test_any_override_applies_or_gives_a_clear_error(key, value):
         config_from_dict(apply_overrides({}, [f"{key}={value}"]))
     except ConfigError as error:
         assert str(error).strip()
+
+
+def test_method_overrides_merge_into_the_base_run():
+    from ribbed.experiments.harness import method_run_config
+
+    doc = {"kind": "comparison", "name": "c", "baseline": "fp32", "methods": {
+        "fp32": {"optimizer": {"name": "adamw"}},
+        "bf16": {"optimizer": {"name": "adamw"},
+                 "overrides": {"train": {"precision": "bf16"}, "model": {"options": {"hidden": [8]}}}},
+        "broken": {"optimizer": {"name": "adamw"}, "overrides": {"train": {"precison": "bf16"}}},
+    }, "base": {"train": {"steps": 9}, "model": {"name": "mlp", "options": {"dropout": 0.1}}}}
+    comparison = config_from_dict(doc)
+    entry = comparison.dataset_entries[0]
+    plain = method_run_config(comparison, "fp32", entry, seed=3)
+    half = method_run_config(comparison, "bf16", entry, seed=3)
+    assert (plain.train.precision, half.train.precision) == ("fp32", "bf16")
+    assert half.train.steps == 9 and half.seed == 3
+    assert half.model.options == {"dropout": 0.1, "hidden": [8]}
+    with pytest.raises(ConfigError, match="(?s)method 'broken'.*train.precison"):
+        method_run_config(comparison, "broken", entry, seed=0)

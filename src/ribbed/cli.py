@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ribbed.config import ComparisonConfig, ConfigError, RunConfig, load_config
+from ribbed.config import ComparisonConfig, ConfigError, RunConfig, StudyConfig, load_config
 
 app = typer.Typer(
     name="ribbed",
@@ -118,7 +118,24 @@ def _results_table(summary: dict) -> Table:
     return table
 
 
-def _load(config: str | None, overrides: list[str]) -> tuple[Path, RunConfig | ComparisonConfig]:
+def _print_results(summary: dict) -> None:
+    if summary.get("kind") != "study":
+        console.print(_results_table(summary))
+        return
+    for line in summary.get("findings", []):
+        console.print(f"- {line}", highlight=False)
+    for spec in summary.get("tables", []):
+        table = Table(title=spec["title"])
+        for column in spec["columns"]:
+            table.add_column(str(column))
+        for row in spec["rows"]:
+            table.add_row(*(_fmt(v, ".4g") if isinstance(v, float) else str(v) for v in row))
+        console.print(table)
+
+
+def _load(
+    config: str | None, overrides: list[str]
+) -> tuple[Path, RunConfig | ComparisonConfig | StudyConfig]:
     from ribbed.experiments.presets import resolve_source
 
     source = resolve_source(config)
@@ -133,11 +150,14 @@ def run(
     tune: Annotated[bool, typer.Option(help="Rerun the equal-budget tuning before the final runs.")] = False,
     runs_dir: RunsDir = None,
 ) -> None:
-    """Run a preset or config file: one run, or a comparison of methods x datasets x seeds."""
+    """Run a preset or config file: one run, a comparison of methods x datasets x seeds, or a study."""
     from ribbed.experiments.harness import run_comparison, run_single
+    from ribbed.experiments.studies import run_study
 
     try:
         _, cfg = _load(config, set_ or [])
+        if isinstance(cfg, StudyConfig) and (seeds is not None or tune):
+            _fail("--seeds and --tune apply to runs and comparisons, not to studies")
         if seeds is not None:
             if isinstance(cfg, RunConfig):
                 cfg = ComparisonConfig(
@@ -148,7 +168,9 @@ def run(
                 cfg = cfg.model_copy(update={"seeds": seeds})
         root = _runs_dir(runs_dir)
         with _progress_bars() as bars:
-            if isinstance(cfg, ComparisonConfig):
+            if isinstance(cfg, StudyConfig):
+                outcome = run_study(cfg, runs_dir=root, progress=RichProgress(bars, 1))
+            elif isinstance(cfg, ComparisonConfig):
                 total = len(cfg.methods) * len(cfg.dataset_entries) * len(cfg.seed_list)
                 outcome = run_comparison(cfg, runs_dir=root, tune=tune, progress=RichProgress(bars, total))
             else:
@@ -157,7 +179,7 @@ def run(
                 outcome = run_single(cfg, runs_dir=root, progress=RichProgress(bars, 1))
     except (ConfigError, ValueError, LookupError) as exc:
         _fail(str(exc))
-    console.print(_results_table(outcome.summary))
+    _print_results(outcome.summary)
     console.print(f"record: {outcome.record.path}")
     console.print(f"report: {outcome.report_html}")
     console.print(f"summary: {outcome.report_md}")
@@ -231,8 +253,8 @@ def show(
     console.print(f"[bold]{record.id}[/] ({meta['kind']}, {meta['status']})  {record.path}")
     console.print_json(json.dumps(record.read_config()))
     summary = record.read_summary() or {}
-    if summary.get("aggregates"):
-        console.print(_results_table(summary))
+    if summary.get("aggregates") or summary.get("kind") == "study":
+        _print_results(summary)
     else:
         console.print_json(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
@@ -273,7 +295,7 @@ def report(
     except LookupError as exc:
         _fail(str(exc))
     summary = record.read_summary() or {}
-    if record.kind != "comparison" or "runs" not in summary:
+    if record.kind not in ("comparison", "study") or ("runs" not in summary and "study" not in summary):
         summary = summarize_records([record], kind="run", name=record.read_meta().get("name", record.id))
     html, md = write_report(summary, record.path)
     console.print(f"report: {html}\nsummary: {md}")

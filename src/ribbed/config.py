@@ -51,9 +51,11 @@ __all__ = [
     "TuningConfig",
     "DatasetEntry",
     "ComparisonConfig",
+    "StudyConfig",
     "load_config",
     "parse_document",
     "apply_overrides",
+    "deep_merge",
     "config_from_dict",
 ]
 
@@ -182,13 +184,16 @@ class SearchDimension(_Strict):
 
 
 class MethodConfig(_Strict):
-    """A compared method: its optimiser (tuned values filled in) and its search space.
+    """A compared method: its optimiser (tuned values filled in), its search space, and any
+    other settings that make it what it is, as ``overrides`` of the base run (for example
+    ``{train: {precision: bf16}}`` or ``{model: {options: {attention: linear}}}``).
 
     Search keys are ``lr`` or an optimiser option name (e.g. ``weight_decay``, ``momentum``).
     """
 
     optimizer: OptimizerConfig
     gradient_method: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, SearchDimension] = Field(default_factory=dict)
 
 
@@ -251,7 +256,18 @@ class ComparisonConfig(_Strict):
         return [DatasetEntry(data=self.base.data, model=self.base.model)]
 
 
-AnyConfig = RunConfig | ComparisonConfig
+class StudyConfig(_Strict):
+    """A measurement study (``ribbed.experiments.studies`` registry): tables and figures, not a
+    training comparison. ``options`` are the study function's keyword arguments."""
+
+    kind: Literal["study"] = "study"
+    name: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    study: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+AnyConfig = RunConfig | ComparisonConfig | StudyConfig
 
 
 # --------------------------------------------------------------------------- loading
@@ -270,6 +286,17 @@ def parse_document(text: str, fmt: Literal["yaml", "toml"] = "yaml") -> dict[str
             f"the top level of a config must be a mapping of keys to values, got {_show(doc)}"
         )
     return doc
+
+
+def deep_merge(base: Mapping[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``updates`` merged in: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _parse_scalar(text: str) -> Any:
@@ -316,10 +343,12 @@ def config_from_dict(doc: Mapping[str, Any]) -> AnyConfig:
     if not isinstance(doc, Mapping):
         raise ConfigError(f"a config must be a mapping, got {_show(doc)}")
     kind = doc.get("kind", "comparison" if "methods" in doc else "run")
-    models: dict[str, type[BaseModel]] = {"run": RunConfig, "comparison": ComparisonConfig}
+    models: dict[str, type[BaseModel]] = {
+        "run": RunConfig, "comparison": ComparisonConfig, "study": StudyConfig,
+    }
     model = models.get(kind) if isinstance(kind, str) else None
     if model is None:
-        raise ConfigError(f"field `kind`: got {_show(kind)}; allowed: 'run' or 'comparison'")
+        raise ConfigError(f"field `kind`: got {_show(kind)}; allowed: 'run', 'comparison' or 'study'")
     try:
         return model.model_validate(dict(doc))
     except ValidationError as exc:

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ribbed.config import ComparisonConfig, DatasetEntry, RunConfig
+from ribbed.config import (
+    ComparisonConfig,
+    ConfigError,
+    DatasetEntry,
+    RunConfig,
+    config_from_dict,
+    deep_merge,
+)
 from ribbed.data import Dataset, load_dataset
 from ribbed.experiments import stats
 from ribbed.experiments.tuning import apply_params, tune_method
@@ -164,22 +171,26 @@ def method_run_config(
     comparison: ComparisonConfig, method_name: str, entry: DatasetEntry, seed: int,
     params: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """The run config of one method on one dataset with one seed."""
+    """The run config of one method on one dataset with one seed.
+
+    The base run, with the method's ``overrides`` merged in, then its dataset, model,
+    optimiser (with tuned ``params``), gradient method and seed.
+    """
     method = comparison.methods[method_name]
-    optimizer = apply_params(method.optimizer, params or {})
-    train_cfg = comparison.base.train
-    if method.gradient_method:
-        train_cfg = train_cfg.model_copy(update={"gradient_method": method.gradient_method})
-    return comparison.base.model_copy(
-        update={
-            "name": f"{comparison.name}-{method_name}",
-            "seed": seed,
-            "data": entry.data,
-            "model": entry.model,
-            "optimizer": optimizer,
-            "train": train_cfg,
-        }
+    doc = deep_merge(comparison.base.model_dump(mode="json"), method.overrides)
+    doc.update(
+        name=f"{comparison.name}-{method_name}",
+        seed=seed,
+        data=deep_merge(entry.data.model_dump(mode="json"), method.overrides.get("data", {})),
+        model=deep_merge(entry.model.model_dump(mode="json"), method.overrides.get("model", {})),
+        optimizer=apply_params(method.optimizer, params or {}).model_dump(mode="json"),
     )
+    if method.gradient_method:
+        doc["train"]["gradient_method"] = method.gradient_method
+    try:
+        return config_from_dict(doc)
+    except ConfigError as exc:
+        raise ConfigError(f"method {method_name!r} (the base run with its overrides): {exc}") from None
 
 
 def run_comparison(

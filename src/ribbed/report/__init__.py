@@ -13,8 +13,10 @@ from typing import Any
 
 from ribbed.report.html import render_html
 from ribbed.report.markdown import render_markdown
+from ribbed.report.study import render_study_html, render_study_markdown
 
 REQUIRED_KEYS = ("kind", "name", "created", "command", "baseline", "primary_metric", "runs")
+STUDY_KEYS = ("kind", "name", "created", "command", "study")
 
 __all__ = ["render_html", "render_markdown", "write_report"]
 
@@ -32,13 +34,18 @@ def write_report(summary: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path]
     Raises:
         ValueError: the summary lacks a key the report needs.
     """
-    missing = [key for key in REQUIRED_KEYS if key not in summary]
+    required = STUDY_KEYS if summary.get("kind") == "study" else REQUIRED_KEYS
+    missing = [key for key in required if key not in summary]
     if missing:
         raise ValueError(f"summary is missing required keys: {', '.join(missing)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path = out_dir / "report.html"
     markdown_path = out_dir / "report.md"
-    html_path.write_text(render_html(summary), encoding="utf-8")
-    markdown_path.write_text(render_markdown(summary), encoding="utf-8")
+    if summary["kind"] == "study":
+        html_text, markdown_text = render_study_html(summary, out_dir), render_study_markdown(summary)
+    else:
+        html_text, markdown_text = render_html(summary), render_markdown(summary)
+    html_path.write_text(html_text, encoding="utf-8")
+    markdown_path.write_text(markdown_text, encoding="utf-8")
     return html_path, markdown_path

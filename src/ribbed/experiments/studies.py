@@ -1,0 +1,198 @@
+"""Measurement studies: experiments whose result is tables and figures, not a leaderboard.
+
+Memory against depth, step time against precision, coupling time against neuron count,
+loss-landscape slices: each is a function registered here under a name, taking a
+:class:`StudyContext` and keyword options and returning a :class:`StudyResult`. A preset of
+``kind: study`` names the function and its options; :func:`run_study` records it like any
+run (config, environment, summary, report), saves its figures as PNG files beside the
+summary, and writes the report. A study that trains models does so through
+:meth:`StudyContext.train`, so every training run it makes is a full child record.
+
+Example:
+    >>> @register_study("hello", "a study with one table")
+    ... def hello(context, size: int = 3):
+    ...     return StudyResult(tables=[Table("squares", ["n", "n^2"], [[i, i * i] for i in range(size)])])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from matplotlib.figure import Figure
+
+from ribbed.config import RunConfig, StudyConfig
+from ribbed.registry import Registry
+
+__all__ = [
+    "STUDIES",
+    "Table",
+    "FigureSpec",
+    "StudyContext",
+    "StudyResult",
+    "list_studies",
+    "register_study",
+    "run_study",
+]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Table:
+    """A result table: a title, column names, rows of plain values, and an optional note."""
+
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": list(self.columns),
+                "rows": [list(row) for row in self.rows], "note": self.note}
+
+
+@dataclass
+class FigureSpec:
+    """A matplotlib figure (built with ``matplotlib.figure.Figure``, no pyplot) and its caption."""
+
+    name: str
+    figure: Figure
+    caption: str = ""
+
+
+@dataclass
+class StudyResult:
+    """What a study returns: tables, figures, plain-language findings, and raw data (JSON)."""
+
+    tables: list[Table] = field(default_factory=list)
+    figures: list[FigureSpec] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyContext:
+    """What a study may use: its record (for artefacts), the runs root, and progress output."""
+
+    record: Any
+    runs_dir: Path
+    progress: Any = None
+
+    @property
+    def artifacts(self) -> Path:
+        """A folder in the study's record for files the study wants to keep."""
+        path = self.record.path / "artifacts"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def message(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.message(text)
+
+    def steps(self, items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
+        """Iterate ``items`` with a progress bar (one tick per item)."""
+        items = list(items) if total is None else items
+        total = len(items) if total is None else total
+        callback = self.progress.start_run(label, total) if self.progress is not None else None
+        for done, item in enumerate(items, start=1):
+            yield item
+            if callback is not None:
+                callback.on_step(done, 0.0)
+
+    def train(self, config: RunConfig, *, method: str, dataset=None, label: str | None = None):
+        """Train ``config`` as a child record of this study; returns ``(record, TrainResult)``."""
+        from ribbed.data import load_dataset
+        from ribbed.runs import create_run
+        from ribbed.train import build_run, train
+
+        if dataset is None:
+            dataset = load_dataset(config.data.name, seed=config.data.seed,
+                                   val_fraction=config.data.val_fraction, **config.data.options)
+        parts = build_run(config, dataset)
+        record = create_run(
+            self.runs_dir, name=config.name, config=config.model_dump(mode="json"),
+            parent=self.record.id, method=method,
+            dataset=f"{config.data.name}/{config.model.name}", seed=config.seed,
+        )
+        callbacks = []
+        if self.progress is not None:
+            callbacks.append(self.progress.start_run(label or method, config.train.steps))
+        try:
+            result = train(parts, record=record, callbacks=callbacks)
+        except BaseException as exc:
+            record.finish("failed", {"error": f"{type(exc).__name__}: {exc}"})
+            raise
+        return record, result
+
+
+STUDIES: Registry[StudyResult] = Registry("study", "study", positional=("context",))
+
+
+def register_study(name: str, description: str):
+    """Register ``fn(context, **options) -> StudyResult`` under ``name``."""
+    return STUDIES.register(name, description)
+
+
+def list_studies() -> dict[str, str]:
+    _load_builtin_studies()
+    return STUDIES.describe()
+
+
+def _load_builtin_studies() -> None:
+    """Import the modules that register studies (kept lazy: they pull in heavy code)."""
+    import importlib
+
+    for module in BUILTIN_STUDY_MODULES:
+        importlib.import_module(module)
+
+
+BUILTIN_STUDY_MODULES: list[str] = []
+
+
+def run_study(config: StudyConfig, *, runs_dir: Path, progress=None, command: str = ""):
+    """Run study ``config.study`` with its options; record it and write its report."""
+    from ribbed.experiments.harness import Outcome, _command, _now
+    from ribbed.registry import check_options
+    from ribbed.report import write_report
+    from ribbed.runs import capture_environment, create_run
+
+    _load_builtin_studies()
+    entry = STUDIES.entry(config.study)
+    check_options("options", config.study, entry.signature_of, config.options, STUDIES.positional)
+    record = create_run(runs_dir, name=config.name, kind="study", config=config.model_dump(mode="json"))
+    context = StudyContext(record=record, runs_dir=Path(runs_dir), progress=progress)
+    try:
+        result = entry.factory(context, **config.options)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record.finish(status, {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    figures_dir = record.path / "figures"
+    figures_dir.mkdir(exist_ok=True)
+    figures = []
+    for index, spec in enumerate(result.figures, start=1):
+        path = figures_dir / f"{index:02d}-{spec.name}.png"
+        spec.figure.savefig(path, format="png", dpi=100, facecolor="white")
+        figures.append({"file": str(path.relative_to(record.path)), "caption": spec.caption,
+                        "alt": spec.name})
+    summary = {
+        "kind": "study",
+        "id": record.id,
+        "name": config.name,
+        "study": config.study,
+        "description": config.description,
+        "created": _now(),
+        "command": command or _command(),
+        "options": config.options,
+        "findings": result.findings,
+        "tables": [table.as_dict() for table in result.tables],
+        "figures": figures,
+        "data": result.data,
+        "environment": capture_environment(),
+    }
+    record.finish("completed", summary)
+    html, md = write_report(summary, record.path)
+    return Outcome(summary, record, html, md)
