@@ -328,4 +328,7 @@ def presets() -> None:
 
 
 def main() -> None:
+    from ribbed.extensions import load_extensions
+
+    load_extensions()
     app()

@@ -1,7 +1,7 @@
 """Measurement studies: experiments whose result is tables and figures, not a leaderboard.
 
 Memory against depth, step time against precision, coupling time against neuron count,
-loss-landscape slices: each is a function registered here under a name, taking a
+loss-landscape slices: each is a function registered under a name (in an extension package's ``studies`` module), taking a
 :class:`StudyContext` and keyword options and returning a :class:`StudyResult`. A preset of
 ``kind: study`` names the function and its options; :func:`run_study` records it like any
 run (config, environment, summary, report), saves its figures as PNG files beside the
@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from matplotlib.figure import Figure
 
 from ribbed.config import RunConfig, StudyConfig
+from ribbed.extensions import load_extensions
 from ribbed.registry import Registry
 
 __all__ = [
@@ -137,19 +138,8 @@ def register_study(name: str, description: str):
 
 
 def list_studies() -> dict[str, str]:
-    _load_builtin_studies()
+    load_extensions()
     return STUDIES.describe()
-
-
-def _load_builtin_studies() -> None:
-    """Import the modules that register studies (kept lazy: they pull in heavy code)."""
-    import importlib
-
-    for module in BUILTIN_STUDY_MODULES:
-        importlib.import_module(module)
-
-
-BUILTIN_STUDY_MODULES: list[str] = []
 
 
 def run_study(config: StudyConfig, *, runs_dir: Path, progress=None, command: str = ""):
@@ -159,7 +149,7 @@ def run_study(config: StudyConfig, *, runs_dir: Path, progress=None, command: st
     from ribbed.report import write_report
     from ribbed.runs import capture_environment, create_run
 
-    _load_builtin_studies()
+    load_extensions()
     entry = STUDIES.entry(config.study)
     check_options("options", config.study, entry.signature_of, config.options, STUDIES.positional)
     record = create_run(runs_dir, name=config.name, kind="study", config=config.model_dump(mode="json"))

@@ -30,6 +30,7 @@ from torch import nn
 
 from ribbed.config import RunConfig
 from ribbed.data import Dataset, Split, load_dataset
+from ribbed.extensions import load_extensions
 from ribbed.nn import build_model, set_checkpointing
 from ribbed.optim import build_optimizer
 from ribbed.train.batches import Sampler, build_sampler
@@ -113,6 +114,7 @@ def _resolve_device(name: str) -> torch.device:
 
 def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
     """Build data, model, optimiser and policies from ``config``; raise on any bad setting."""
+    load_extensions()
     train_cfg = config.train
     if train_cfg.target and train_cfg.target.metric not in TARGET_METRICS:
         raise ValueError(
