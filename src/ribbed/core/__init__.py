@@ -1,1 +1,17 @@
-"""(filled in by its issue)"""
+"""RIBBED / Meta-BP: neurons coupled to small learned controllers that modulate their updates.
+
+``RIBBED`` is a ``torch.optim.Optimizer``; it is also registered in the optimiser registry as
+``"ribbed"``, so a config names it like any other optimiser (``optimizer: {name: ribbed,
+options: {base: adamw, chiral_gamma: 0.01}}``).
+"""
+
+from ribbed.core.optimizer import RIBBED
+from ribbed.optim import register_optimizer
+
+__all__ = ["RIBBED"]
+
+
+@register_optimizer("ribbed", "RIBBED / Meta-BP: per-neuron controllers over a base optimiser (AdamW)",
+                    signature_of=RIBBED)
+def _build_ribbed(model, lr, **options) -> RIBBED:
+    return RIBBED(model, lr, **options)

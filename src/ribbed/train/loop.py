@@ -311,6 +311,8 @@ def train(
                 }
                 for plugin in parts.plugins:
                     row.update(plugin.metrics())
+                if hasattr(optimizer, "telemetry"):
+                    row.update(optimizer.telemetry())
                 window_loss, window_steps = 0.0, 0
                 history.append(row)
                 if tracker is not None:

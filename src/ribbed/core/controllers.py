@@ -1,0 +1,104 @@
+"""Controller banks: the seed's "neuron-level external ML system", one small MLP per group.
+
+``K`` two-layer MLPs are stored as stacked tensors (``w1 [K, F, H]``, ``w2 [K, H, O]``) and
+applied to all ``N`` neurons at once by gathering each neuron's controller weights and one
+batched matmul, so the cost is independent of how neurons are grouped and there is no loop
+over neurons or controllers.
+
+A controller's outputs for neuron ``i`` are decoded by :class:`ControllerOutputs`:
+
+* two step-size heads, *explore* ``s = exp(tanh(o) log M)`` in ``[1/M, M]`` (bold changes)
+  and *exploit* ``exp(tanh(o) log M / 2)`` in ``[1/sqrt(M), sqrt(M)]`` (fine adjustments),
+  mixed per neuron by a context gate ``c_i = sigmoid(a . stability_i)`` read from the
+  neuron's stability signals (momentum agreement, hypergradient, surprise): the seed's
+  "contextual external models". The different ranges also break the symmetry between the
+  heads, which start identical;
+* the Meta-BP coupling strength ``lambda_i = sigmoid(o)`` in ``[0, 1]``;
+* predictions of the neuron's next-step statistics (self-supervised tracking).
+
+The applied update is the soft coupling ``(1 - lambda) d_base + lambda d_guided`` with the
+guided update ``s * d_base`` (the controller's step), i.e. a per-neuron multiplier
+``m = 1 + lambda (s - 1)``. Output weights start at zero, so every multiplier starts at 1 and
+RIBBED starts as its base optimiser.
+
+Training signal (online, one dot product per neuron): the loss after the step depends on
+``m_i`` through ``w_i + m_i d_i``, so ``dL/dm_i = <g_next, d_i>``; its normalised form
+(the hypergradient cosine) is back-propagated through the tiny controllers (Baydin et al.
+2018 give the scalar version for one global learning rate; here each neuron's controller
+output gets its own signal). The self-supervised predictions add a squared-error term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ribbed.core.features import FEATURE_NAMES
+
+__all__ = ["ControllerBank", "ControllerOutputs", "PREDICTED", "STABILITY"]
+
+STABILITY = ("momentum_agreement", "hypergradient", "surprise")
+PREDICTED = ("log_grad_norm", "act_mean")
+_STABILITY_INDEX = [FEATURE_NAMES.index(name) for name in STABILITY]
+
+
+@dataclass
+class ControllerOutputs:
+    """Decoded per-neuron outputs (each ``[N]`` except ``predictions [N, len(PREDICTED)]``)."""
+
+    multiplier: torch.Tensor
+    step: torch.Tensor
+    coupling: torch.Tensor
+    gate: torch.Tensor
+    predictions: torch.Tensor
+
+
+class ControllerBank(nn.Module):
+    """``n_controllers`` MLPs ``F -> H -> O`` applied per neuron by gather + batched matmul.
+
+    Args:
+        n_controllers: K, the number of controllers (one per neuron group).
+        hidden: H, hidden width of each controller.
+        max_multiplier: M, the largest step-size factor a head can give (and 1/M the smallest).
+        contextual_heads: mix explore/exploit heads by a stability gate (else one head).
+        coupling: learn lambda per neuron (else lambda = 1: the controller's step is applied).
+        self_supervision: predict next-step statistics (else no prediction outputs are used).
+    """
+
+    def __init__(self, n_controllers: int, *, hidden: int = 16, max_multiplier: float = 4.0,
+                 contextual_heads: bool = True, coupling: bool = True, self_supervision: bool = True,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        features = len(FEATURE_NAMES)
+        self.outputs = 3 + len(PREDICTED)  # explore, exploit, coupling, then the predictions
+        self.log_max = math.log(max_multiplier)
+        self.contextual_heads, self.coupling, self.self_supervision = contextual_heads, coupling, self_supervision
+        scale = 1.0 / math.sqrt(features)
+        self.w1 = nn.Parameter(torch.randn(n_controllers, features, hidden, generator=generator) * scale)
+        self.b1 = nn.Parameter(torch.zeros(n_controllers, hidden))
+        self.w2 = nn.Parameter(torch.zeros(n_controllers, hidden, self.outputs))
+        self.b2 = nn.Parameter(torch.zeros(n_controllers, self.outputs))
+        self.gate = nn.Linear(len(STABILITY), 1)
+        nn.init.zeros_(self.gate.weight), nn.init.zeros_(self.gate.bias)
+
+    def raw(self, features: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+        """Raw outputs ``[N, O]`` of each neuron's controller on its features ``[N, F]``."""
+        hidden = torch.tanh(torch.bmm(features.unsqueeze(1), self.w1[assignment]).squeeze(1) + self.b1[assignment])
+        return torch.bmm(hidden.unsqueeze(1), self.w2[assignment]).squeeze(1) + self.b2[assignment]
+
+    def forward(self, features: torch.Tensor, assignment: torch.Tensor) -> ControllerOutputs:
+        out = self.raw(features, assignment)
+        explore = torch.exp(torch.tanh(out[:, 0]) * self.log_max)
+        if self.contextual_heads:
+            exploit = torch.exp(torch.tanh(out[:, 1]) * (0.5 * self.log_max))
+            gate = torch.sigmoid(self.gate(features[:, _STABILITY_INDEX]).squeeze(1))
+            step = gate * explore + (1 - gate) * exploit
+        else:
+            gate = torch.ones_like(explore)
+            step = explore
+        coupling = torch.sigmoid(out[:, 2]) if self.coupling else torch.ones_like(step)
+        multiplier = 1 + coupling * (step - 1)
+        return ControllerOutputs(multiplier, step, coupling, gate, out[:, 3:])

@@ -1,0 +1,105 @@
+"""Per-neuron feature vectors: what a controller reads about each neuron's learning state.
+
+For every neuron of every layer (``[n_neurons, n_features]``, layers concatenated), with
+``g`` the current gradient row, ``d`` the update the neuron received at the last step,
+``w`` its weights and ``m`` the base optimiser's momentum (Adam's ``exp_avg``, SGD's
+``momentum_buffer``; ``-d`` when the base keeps none):
+
+=====================  =========================================================
+``log_grad_norm``      ``log ||g||``
+``log_update_ratio``   ``log ||d|| / ||w||``
+``momentum_agreement`` ``cos(g, m)``: does the gradient still point where momentum goes
+``hypergradient``      ``cos(g, d)``: the normalised one-step hypergradient of the
+                       neuron's step size (Baydin et al. 2018, "Online learning rate
+                       adaptation with hypergradient descent"); positive means the
+                       last step overshot
+``act_mean``           running mean of the neuron's output
+``act_log_var``        log of its running variance
+``act_entropy``        binned entropy of its outputs over ``log(bins)``
+``surprise``           error of the controller's prediction of this step's statistics
+``depth``              the layer's relative depth in the network, 0 to 1
+=====================  =========================================================
+
+Features are z-scored across all neurons before a controller reads them, so their scales
+do not depend on the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ribbed.core.layers import NeuronLayer, row_dot, row_sq_norm
+
+__all__ = ["FEATURE_NAMES", "neuron_features", "standardize"]
+
+FEATURE_NAMES = (
+    "log_grad_norm",
+    "log_update_ratio",
+    "momentum_agreement",
+    "hypergradient",
+    "act_mean",
+    "act_log_var",
+    "act_entropy",
+    "surprise",
+    "depth",
+)
+EPS = 1e-12
+
+
+def _grad(param: torch.nn.Parameter) -> torch.Tensor:
+    """The gradient, or zeros for a parameter that took no part in this step's loss."""
+    return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+def _cos(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+    return dot / (sq_a * sq_b).sqrt().clamp_min(EPS)
+
+
+def neuron_features(
+    layers: list[NeuronLayer],
+    prev: dict[torch.nn.Parameter, torch.Tensor],
+    momentum: dict[torch.nn.Parameter, torch.Tensor],
+    surprise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw features ``[N, len(FEATURE_NAMES)]`` and the per-neuron hypergradient cosine ``[N]``.
+
+    ``prev`` holds each parameter's value before the last step; ``momentum`` the base
+    optimiser's momentum buffers where it has them.
+    """
+    columns = []
+    depth_scale = max(1, len(layers) - 1)
+    for index, layer in enumerate(layers):
+        grad = (_grad(layer.weight), None if layer.bias is None else _grad(layer.bias))
+        weight = (layer.weight, layer.bias)
+        previous = layer.pair(prev)
+        update = (weight[0] - previous[0], None if weight[1] is None else weight[1] - previous[1])
+        g_sq, d_sq, w_sq = row_sq_norm(grad), row_sq_norm(update), row_sq_norm(weight)
+        hyper = _cos(row_dot(grad, update), g_sq, d_sq)
+        if layer.weight in momentum:
+            mom = (momentum[layer.weight], momentum.get(layer.bias) if layer.bias is not None else None)
+            agreement = _cos(row_dot(grad, mom), g_sq, row_sq_norm(mom))
+        else:
+            agreement = -hyper
+        stats = layer.stats
+        columns.append(torch.stack([
+            0.5 * torch.log(g_sq + EPS),
+            0.5 * torch.log((d_sq + EPS) / (w_sq + EPS)),
+            agreement,
+            hyper,
+            stats.mean.to(g_sq.device),
+            torch.log(stats.var.to(g_sq.device) + 1e-8),
+            stats.entropy.to(g_sq.device) / math.log(stats.bins),
+            surprise[layer.offset:layer.offset + layer.n].to(g_sq.device),
+            torch.full_like(g_sq, index / depth_scale),
+        ], dim=1))
+    features = torch.cat(columns).float()
+    return features, features[:, FEATURE_NAMES.index("hypergradient")].clone()
+
+
+def standardize(features: torch.Tensor) -> torch.Tensor:
+    """Z-score each feature across neurons (constant features become 0)."""
+    mean = features.mean(0, keepdim=True)
+    std = features.std(0, keepdim=True, unbiased=False)
+    return (features - mean) / std.clamp_min(1e-6)

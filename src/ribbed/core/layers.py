@@ -1,0 +1,153 @@
+"""Neurons as RIBBED sees them: rows of ``Linear`` and ``Conv`` layers, and their activations.
+
+A neuron is one output unit of a ``Linear`` layer (a weight row plus its bias) or one output
+channel of a convolution. Each :class:`NeuronLayer` keeps the layer's parameters, its place in
+the global neuron index (``offset``), and running statistics of its outputs collected by a
+forward hook. Every per-neuron quantity is computed for a whole layer at once on
+``[n_neurons, fan_in]`` views; the only Python loop is over layers (a handful per model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["NeuronLayer", "find_neuron_layers", "row_dot", "row_sq_norm", "ActivationStats"]
+
+NEURON_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def row_dot(a: tuple[torch.Tensor, torch.Tensor | None], b: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """Per-neuron inner product of two (weight, bias) pairs: ``[n_neurons]``."""
+    out = torch.linalg.vecdot(_rows(a[0]), _rows(b[0]))
+    if a[1] is not None and b[1] is not None:
+        out = out + a[1] * b[1]
+    return out
+
+
+def row_sq_norm(a: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """Per-neuron squared norm of a (weight, bias) pair."""
+    return row_dot(a, a)
+
+
+class ActivationStats:
+    """Running mean, variance and binned entropy of each neuron's output, from a forward hook.
+
+    Statistics are taken only while :attr:`recording` is on (RIBBED turns it on for the
+    steps that refresh features) and the module is training (evaluation passes are not
+    learning signals), as exponential moving averages with ``momentum``. The
+    entropy of a neuron is that of its outputs in the batch binned into ``bins`` equal bins
+    spanning mean ± 3 standard deviations (running values), in nats; a constant output has
+    entropy 0 and a uniform spread over the bins has ``log(bins)``.
+    """
+
+    def __init__(self, n_neurons: int, neuron_dim: int, *, bins: int = 16, momentum: float = 0.9):
+        self.neuron_dim, self.bins, self.momentum = neuron_dim, bins, momentum
+        self.mean = torch.zeros(n_neurons)
+        self.var = torch.ones(n_neurons)
+        self.entropy = torch.zeros(n_neurons)
+        self.recording = False
+        self.seen = False
+
+    def samples(self, output: torch.Tensor) -> torch.Tensor:
+        """The output as ``[samples, n_neurons]`` (batch and spatial/time positions as samples)."""
+        return output.detach().movedim(self.neuron_dim, -1).reshape(-1, output.shape[self.neuron_dim])
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if not self.recording or not module.training:
+            return
+        x = self.samples(output).float()
+        if self.mean.device != x.device:
+            self.mean, self.var, self.entropy = (t.to(x.device) for t in (self.mean, self.var, self.entropy))
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        entropy = binned_entropy(x, self.bins)
+        if not self.seen:
+            self.mean.copy_(mean), self.var.copy_(var), self.entropy.copy_(entropy)
+            self.seen = True
+        else:
+            keep = self.momentum
+            self.mean.lerp_(mean, 1 - keep)
+            self.var.lerp_(var, 1 - keep)
+            self.entropy.lerp_(entropy, 1 - keep)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "entropy": self.entropy, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.entropy = state["mean"].clone(), state["var"].clone(), state["entropy"].clone()
+        self.seen = state["seen"]
+
+
+def binned_entropy(samples: torch.Tensor, bins: int) -> torch.Tensor:
+    """Entropy (nats) of each column of ``samples [S, n]`` binned into ``bins`` equal bins
+    between the column's min and max; all neurons at once with one ``scatter_add``."""
+    low = samples.min(0).values
+    span = (samples.max(0).values - low).clamp_min(1e-12)
+    index = ((samples - low) / span * bins).long().clamp_(0, bins - 1)
+    n = samples.shape[1]
+    flat = index + torch.arange(n, device=samples.device) * bins
+    counts = torch.zeros(n * bins, device=samples.device).scatter_add_(
+        0, flat.reshape(-1), torch.ones(flat.numel(), device=samples.device)
+    ).view(n, bins)
+    p = counts / samples.shape[0]
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(1)
+
+
+@dataclass
+class NeuronLayer:
+    """One layer's neurons: its parameters, global index range, and activation statistics."""
+
+    name: str
+    module: nn.Module
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    offset: int
+    stats: ActivationStats
+    handle: object = field(default=None, repr=False)
+
+    @property
+    def n(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.weight.shape[1:]) + (1 if self.bias is not None else 0)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def pair(self, tensors: dict[nn.Parameter, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight-shaped, bias-shaped)`` entries of ``tensors`` for this layer."""
+        return tensors[self.weight], None if self.bias is None else tensors[self.bias]
+
+
+def find_neuron_layers(model: nn.Module, params: set[nn.Parameter], *, bins: int = 16,
+                       hooks: bool = True) -> list[NeuronLayer]:
+    """Every ``Linear``/``Conv`` layer of ``model`` whose weight is optimised, in module order.
+
+    A weight shared by two modules (tied embeddings) is counted once, at its first module.
+    """
+    layers: list[NeuronLayer] = []
+    seen: set[int] = set()
+    offset = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, NEURON_MODULES) or module.weight not in params or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        bias = module.bias if module.bias is not None and module.bias in params else None
+        neuron_dim = -1 if isinstance(module, nn.Linear) else 1
+        layer = NeuronLayer(name, module, module.weight, bias, offset,
+                            ActivationStats(module.weight.shape[0], neuron_dim, bins=bins))
+        if hooks:
+            layer.handle = module.register_forward_hook(layer.stats)
+        layers.append(layer)
+        offset += layer.n
+    return layers

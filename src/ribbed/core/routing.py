@@ -1,0 +1,64 @@
+"""Routing neurons to controllers: online k-means over the neurons' trajectory features.
+
+Each neuron's *trajectory feature* is an exponential moving average of its standardised
+feature vector, so neurons that have been learning alike share a controller. Every
+``refresh`` the assignment is recomputed by nearest centroid (dense, ``O(N K)`` with
+``torch.cdist``) followed by one Lloyd update of the centroids; an empty cluster is
+re-seeded at the neuron farthest from its centroid, so no controller is left unused. The
+number of neurons that changed controller is kept (the topology-evolution signal).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["OnlineKMeans"]
+
+
+class OnlineKMeans:
+    """Nearest-centroid routing of ``N`` neurons to ``K`` controllers with Lloyd updates."""
+
+    def __init__(self, n_clusters: int, *, trajectory_momentum: float = 0.9):
+        self.k = n_clusters
+        self.momentum = trajectory_momentum
+        self.trajectory: torch.Tensor | None = None
+        self.centroids: torch.Tensor | None = None
+        self.assignment: torch.Tensor | None = None
+        self.changes = 0
+
+    def observe(self, features: torch.Tensor) -> None:
+        """Fold the current standardised features ``[N, F]`` into the trajectory features."""
+        if self.trajectory is None:
+            self.trajectory = features.clone()
+        else:
+            self.trajectory.lerp_(features, 1 - self.momentum)
+
+    def refresh(self, generator: torch.Generator) -> torch.Tensor:
+        """Reassign every neuron to its nearest centroid, update centroids; return ``[N]`` ids."""
+        points = self.trajectory
+        n = points.shape[0]
+        if self.centroids is None:
+            pick = torch.randperm(n, generator=generator)[: self.k] % n
+            self.centroids = points[pick.to(points.device)].clone()
+        distances = torch.cdist(points, self.centroids)
+        assignment = distances.argmin(1)
+        counts = torch.bincount(assignment, minlength=self.k)
+        sums = torch.zeros_like(self.centroids).index_add_(0, assignment, points)
+        occupied = counts > 0
+        self.centroids[occupied] = sums[occupied] / counts[occupied].unsqueeze(1)
+        empty = (~occupied).nonzero().flatten()
+        if len(empty):
+            far = distances.gather(1, assignment.unsqueeze(1)).squeeze(1).topk(min(len(empty), n)).indices
+            self.centroids[empty[: len(far)]] = points[far]
+            assignment[far] = empty[: len(far)]
+        self.changes = 0 if self.assignment is None else int((assignment != self.assignment).sum())
+        self.assignment = assignment
+        return assignment
+
+    def state_dict(self) -> dict:
+        return {"trajectory": self.trajectory, "centroids": self.centroids,
+                "assignment": self.assignment, "changes": self.changes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trajectory, self.centroids = state["trajectory"], state["centroids"]
+        self.assignment, self.changes = state["assignment"], state["changes"]

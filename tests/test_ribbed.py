@@ -1,0 +1,218 @@
+"""RIBBED / Meta-BP: exactness when off, the chiral term, the hypergradient signal, persistence."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ribbed import RIBBED
+from ribbed.core.chiral import ChiralTerm, skew_apply
+from ribbed.core.features import FEATURE_NAMES
+from ribbed.core.layers import binned_entropy, find_neuron_layers, row_dot
+from ribbed.data import load_dataset
+from ribbed.train import build_run, train
+
+ALL_OFF = {"controllers": False, "chiral_gamma": 0.0}
+
+
+def _mlp(seed: int = 0, width: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3))
+
+
+def _batches(n: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+            for _ in range(n)]
+
+
+def _train(model, optimizer, batches, scheduler=None):
+    for x, y in batches:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+
+
+@pytest.mark.parametrize("base, base_options, reference", [
+    ("adamw", {"weight_decay": 0.01}, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01, foreach=True)),
+    ("sgd", {"momentum": 0.9}, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True)),
+])
+def test_all_components_off_is_the_base_optimizer_bit_for_bit(base, base_options, reference):
+    ours, theirs = _mlp(), _mlp()
+    batches = _batches(100)
+    _train(ours, RIBBED(ours, lr=1e-2, base=base, base_options=base_options, **ALL_OFF), batches)
+    _train(theirs, reference(theirs.parameters()), batches)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_components_on_change_the_trajectory():
+    """Guard for the test above: with controllers on, RIBBED is not its base."""
+    ours, theirs = _mlp(), _mlp()
+    batches = _batches(30)
+    _train(ours, RIBBED(ours, lr=1e-2), batches)
+    _train(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=True), batches)
+    assert any(not torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 40), fan=st.integers(1, 12), graph=st.sampled_from(["ring", "random", "knn"]),
+       seed=st.integers(0, 1000))
+def test_chiral_term_is_orthogonal_to_the_gradient(n, fan, graph, seed):
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(fan, n)
+    layer.weight.grad, layer.bias.grad = torch.randn(n, fan, generator=generator), torch.randn(n, generator=generator)
+    g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).double()
+    term = ChiralTerm(0.3, graph, neighbours=3)
+    term.refresh(find_neuron_layers(layer, set(layer.parameters()), hooks=False), generator)
+    structure = term.structure[0]
+    jg = skew_apply(g, neighbours=structure) if graph == "knn" else skew_apply(g, order=structure)
+    assert abs(float((g * jg).sum())) <= 1e-6 * float((g * g).sum())
+
+
+def test_chiral_gamma_zero_and_the_two_handednesses():
+    def rotated(gamma):
+        torch.manual_seed(3)
+        layer = nn.Linear(5, 9)
+        layer.weight.grad, layer.bias.grad = torch.randn(9, 5), torch.randn(9)
+        before = layer.weight.grad.clone()
+        layers = find_neuron_layers(layer, set(layer.parameters()), hooks=False)
+        term = ChiralTerm(gamma, "ring")
+        term.refresh(layers, torch.Generator().manual_seed(0))
+        term.apply(layers)
+        return before, layer.weight.grad
+
+    before, plus = rotated(0.2)
+    _, minus = rotated(-0.2)
+    _, none = rotated(0.0)
+    assert torch.equal(none, before)
+    assert not torch.allclose(plus, before)
+    torch.testing.assert_close(plus - before, -(minus - before))
+
+
+def test_chiral_zero_gamma_in_the_optimizer_is_plain_adamw():
+    ours, theirs = _mlp(), _mlp()
+    batches = _batches(20)
+    _train(ours, RIBBED(ours, lr=1e-2, controllers=False, chiral_gamma=0.0), batches)
+    _train(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=True), batches)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
+    chiral = _mlp()
+    _train(chiral, RIBBED(chiral, lr=1e-2, controllers=False, chiral_gamma=0.5), batches)
+    assert any(not torch.equal(a, b) for a, b in zip(chiral.parameters(), theirs.parameters(), strict=True))
+
+
+def test_hypergradient_matches_finite_differences():
+    """dL/dm_i at m = 1 for w = w_prev + m * d equals <g_i, d_i>, the signal controllers learn from."""
+    model = _mlp(width=6).double()
+    x, y = (t.double() if t.is_floating_point() else t for t in _batches(1)[0])
+    optimizer = RIBBED(model, lr=0.05, max_multiplier=4.0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    layer = optimizer.layers[1]
+    prev_w, prev_b = optimizer.prev[2], optimizer.prev[3]
+    d_w, d_b = layer.weight.detach() - prev_w, layer.bias.detach() - prev_b
+    signal = row_dot((layer.weight.grad, layer.bias.grad), (d_w, d_b))
+    eps = 1e-6
+    for neuron in range(layer.n):
+        values = []
+        for sign in (1, -1):
+            probe = copy.deepcopy(model)
+            target = probe[2]
+            with torch.no_grad():
+                target.weight[neuron] += sign * eps * d_w[neuron]
+                target.bias[neuron] += sign * eps * d_b[neuron]
+            values.append(nn.functional.cross_entropy(probe(x), y).item())
+        finite = (values[0] - values[1]) / (2 * eps)
+        assert finite == pytest.approx(float(signal[neuron]), rel=1e-5, abs=1e-10)
+
+
+def test_state_dict_round_trip_continues_identically():
+    batches = _batches(50)
+    settings_ = {"chiral_gamma": 0.05, "routing_every": 7, "graph_every": 9, "feature_every": 2}
+    whole = _mlp()
+    _train(whole, RIBBED(whole, lr=1e-2, **settings_), batches)
+
+    first = _mlp()
+    optimizer = RIBBED(first, lr=1e-2, **settings_)
+    _train(first, optimizer, batches[:23])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _mlp(seed=5)
+    resumed.load_state_dict(saved["model"])
+    optimizer = RIBBED(resumed, lr=1e-2, **settings_)
+    optimizer.load_state_dict(saved["optimizer"])
+    _train(resumed, optimizer, batches[23:])
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_works_under_an_lr_scheduler():
+    model = _mlp()
+    optimizer = RIBBED(model, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+    _train(model, optimizer, _batches(12), scheduler)
+    assert optimizer.base.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
+    assert optimizer.param_groups is optimizer.base.param_groups
+
+
+@pytest.mark.parametrize("lr, direction", [(1e-4, "up"), (1.9, "down")])
+def test_controllers_learn_the_right_direction_on_a_quadratic(lr, direction):
+    """Too small a step: multipliers grow; too large (oscillating): they shrink."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 32, bias=False)
+    target = torch.randn(32, 16)
+    optimizer = RIBBED(layer, lr=lr, base="sgd", controller_lr=3e-2, activation_features=False,
+                       self_supervision=False)
+    for _ in range(60):
+        (0.5 * (layer.weight - target).pow(2).sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    mean = optimizer.telemetry()["ribbed_multiplier_mean"]
+    assert (mean > 1.2) if direction == "up" else (mean < 0.8), mean
+
+
+def test_features_cover_every_neuron_and_name():
+    model = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 5))
+    optimizer = RIBBED(model, lr=1e-3)
+    loss = model(torch.randn(7, 1, 8)).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    assert optimizer.n_neurons == 4 + 5
+    assert optimizer._pending[0].shape == (9, len(FEATURE_NAMES))
+    assert torch.isfinite(optimizer._pending[0]).all()
+
+
+def test_entropy_of_uniform_and_constant_activations():
+    uniform = torch.linspace(0, 1, 16 * 1000).reshape(-1, 1)[:-1].repeat(1, 3)
+    torch.testing.assert_close(binned_entropy(uniform, 16), torch.full((3,), math.log(16)), atol=1e-3, rtol=0)
+    assert torch.equal(binned_entropy(torch.ones(50, 2), 8), torch.zeros(2))
+
+
+def test_bad_settings_name_the_field():
+    model = _mlp()
+    for kwargs, field in [({"n_controllers": 0}, "n_controllers"), ({"max_multiplier": 1.0}, "max_multiplier"),
+                          ({"chiral_gamma": 0.1, "chiral_graph": "spiral"}, "chiral_graph"),
+                          ({"feature_every": 0}, "feature_every"), ({"base": "nope"}, "nope")]:
+        with pytest.raises(ValueError, match=field):
+            RIBBED(model, lr=1e-3, **kwargs)
+
+
+def test_ribbed_trains_in_the_loop_from_config(tiny_config):
+    config = tiny_config(optimizer={"name": "ribbed", "lr": 0.01, "options": {"chiral_gamma": 0.01}},
+                         train={"steps": 60, "eval_every": 30})
+    result = train(build_run(config, load_dataset("digits")))
+    assert result.status == "completed" and result.final["test_acc"] > 0.5
