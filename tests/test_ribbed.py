@@ -74,8 +74,7 @@ def test_chiral_term_is_orthogonal_to_the_gradient(n, fan, graph, seed):
     g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).double()
     term = ChiralTerm(0.3, graph, neighbours=3)
     term.refresh(find_neuron_layers(layer, set(layer.parameters()), hooks=False), generator)
-    structure = term.structure[0]
-    jg = skew_apply(g, neighbours=structure) if graph == "knn" else skew_apply(g, order=structure)
+    jg = skew_apply(g, term.structure[0], ring=graph != "knn")
     assert abs(float((g * jg).sum())) <= 1e-6 * float((g * g).sum())
 
 
@@ -175,7 +174,7 @@ def test_controllers_learn_the_right_direction_on_a_quadratic(lr, direction):
     torch.manual_seed(0)
     layer = nn.Linear(16, 32, bias=False)
     target = torch.randn(32, 16)
-    optimizer = RIBBED(layer, lr=lr, base="sgd", controller_lr=3e-2, activation_features=False,
+    optimizer = RIBBED(layer, lr=lr, base="sgd", controller_lr=3e-2, activation_features=False, feature_every=1,
                        self_supervision=False)
     for _ in range(60):
         (0.5 * (layer.weight - target).pow(2).sum()).backward()
@@ -216,3 +215,57 @@ def test_ribbed_trains_in_the_loop_from_config(tiny_config):
                          train={"steps": 60, "eval_every": 30})
     result = train(build_run(config, load_dataset("digits")))
     assert result.status == "completed" and result.final["test_acc"] > 0.5
+
+
+def test_adam_hd_without_hypergradient_is_adamw_in_float64():
+    from ribbed.core import AdamHD
+
+    ours, theirs = _mlp().double(), _mlp().double()
+    batches = [(x.double(), y) for x, y in _batches(25)]
+    _train(ours, AdamHD(ours, lr=1e-2, hypergrad_lr=0.0, weight_decay=0.01), batches)
+    _train(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.01), batches)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_adam_hd_rates_are_per_neuron_and_follow_the_hypergradient():
+    from ribbed.core import AdamHD
+
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    target = torch.randn(6, 8) * torch.arange(1, 7).unsqueeze(1)
+    optimizer = AdamHD(layer, lr=1e-3, hypergrad_lr=1e-3)
+    for _ in range(40):
+        (0.5 * (layer.weight - target).pow(2).sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    rates = optimizer.state[layer.weight]["alpha"]
+    assert rates.shape == (6,) and (rates > 1e-3).all(), rates
+    assert len(set(rates.tolist())) == 6
+
+
+def test_a_single_neuron_with_more_controllers_than_neurons():
+    neuron = nn.Linear(3, 1)
+    optimizer = RIBBED(neuron, lr=0.05, base="sgd", n_controllers=4, feature_every=1)
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    for _ in range(5):
+        nn.functional.mse_loss(neuron(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert optimizer.routing.assignment.shape == (1,)
+
+
+def test_routing_recovers_well_separated_groups():
+    from ribbed.core.routing import OnlineKMeans
+
+    centres = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0], [0.0, -10.0]])
+    generator = torch.Generator().manual_seed(0)
+    points = (centres.repeat_interleave(25, 0) + torch.randn(100, 2, generator=generator))
+    truth = torch.arange(4).repeat_interleave(25)
+    routing = OnlineKMeans(4)
+    routing.observe(points)
+    for _ in range(3):
+        assignment = routing.refresh(generator)
+    pairs = {(int(a), int(t)) for a, t in zip(assignment, truth, strict=True)}
+    assert len(pairs) == 4 and len({a for a, _ in pairs}) == 4
+    assert routing.changes == 0

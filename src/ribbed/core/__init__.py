@@ -2,16 +2,24 @@
 
 ``RIBBED`` is a ``torch.optim.Optimizer``; it is also registered in the optimiser registry as
 ``"ribbed"``, so a config names it like any other optimiser (``optimizer: {name: ribbed,
-options: {base: adamw, chiral_gamma: 0.01}}``).
+options: {base: adamw, chiral_gamma: 0.01}}``). ``AdamHD`` (``"adam-hd"``), AdamW with one
+hypergradient-adapted learning rate per neuron, is its cheapest credible baseline.
 """
 
+from ribbed.core.hypergradient import AdamHD
 from ribbed.core.optimizer import RIBBED
 from ribbed.optim import register_optimizer
 
-__all__ = ["RIBBED"]
+__all__ = ["RIBBED", "AdamHD"]
 
 
 @register_optimizer("ribbed", "RIBBED / Meta-BP: per-neuron controllers over a base optimiser (AdamW)",
                     signature_of=RIBBED)
 def _build_ribbed(model, lr, **options) -> RIBBED:
     return RIBBED(model, lr, **options)
+
+
+@register_optimizer("adam-hd", "AdamW with one hypergradient-adapted learning rate per neuron (Baydin et al. 2018)",
+                    signature_of=AdamHD)
+def _build_adam_hd(model, lr, **options) -> AdamHD:
+    return AdamHD(model, lr, **options)

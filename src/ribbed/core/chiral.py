@@ -31,22 +31,32 @@ __all__ = ["CHIRAL_GRAPHS", "ChiralTerm", "skew_apply"]
 CHIRAL_GRAPHS = ("ring", "knn", "random")
 
 
-def _rows_with_bias(layer: NeuronLayer, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    rows = weight.reshape(layer.n, -1)
-    return rows if bias is None else torch.cat([rows, bias.reshape(layer.n, 1)], dim=1)
+def _rows_with_bias(layer: NeuronLayer) -> torch.Tensor:
+    rows = layer.weight.detach().reshape(layer.n, -1)
+    return rows if layer.bias is None else torch.cat([rows, layer.bias.detach().reshape(layer.n, 1)], dim=1)
 
 
-def skew_apply(rows: torch.Tensor, order: torch.Tensor | None = None,
-               neighbours: torch.Tensor | None = None) -> torch.Tensor:
-    """``J @ rows`` for the ring over ``order`` or the graph with ``neighbours [n, k]``."""
-    if neighbours is None:
-        ordered = rows[order]
-        shifted = ordered.roll(-1, 0) - ordered.roll(1, 0)
-        return torch.empty_like(rows).index_copy_(0, order, shifted)
+def ring_neighbours(order: torch.Tensor) -> torch.Tensor:
+    """``[n, 2]``: for each neuron, the next and the previous neuron on the ring over ``order``."""
+    neighbours = torch.empty(len(order), 2, dtype=torch.long, device=order.device)
+    neighbours[order, 0] = order.roll(-1)
+    neighbours[order, 1] = order.roll(1)
+    return neighbours
+
+
+def skew_apply(rows: torch.Tensor, neighbours: torch.Tensor, ring: bool) -> torch.Tensor:
+    """``J @ rows`` (neurons along dim 0) for ``J = A - A^T``.
+
+    For a ring, ``neighbours[:, 0]``/``[:, 1]`` are each neuron's successor/predecessor and
+    ``(J G)_i = G_next(i) - G_prev(i)``: two gathers. For a k-nearest-neighbour graph,
+    ``(A G)_i`` sums the rows of ``i``'s neighbours and ``(A^T G)`` scatters each row to them.
+    """
+    if ring:
+        return rows.index_select(0, neighbours[:, 0]).sub_(rows.index_select(0, neighbours[:, 1]))
     k = neighbours.shape[1]
     forward = rows[neighbours].sum(1)
     backward = torch.zeros_like(rows).index_add_(0, neighbours.reshape(-1), rows.repeat_interleave(k, 0))
-    return forward - backward
+    return forward.sub_(backward)
 
 
 class ChiralTerm:
@@ -65,9 +75,10 @@ class ChiralTerm:
         """Rebuild each layer's graph from its current weights (and controller groups)."""
         self.structure = []
         for layer in layers:
-            rows = _rows_with_bias(layer, layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+            rows = _rows_with_bias(layer)
             if self.graph == "random":
-                self.structure.append(torch.randperm(layer.n, generator=generator).to(rows.device))
+                order = torch.randperm(layer.n, generator=generator).to(rows.device)
+                self.structure.append(ring_neighbours(order))
             elif self.graph == "ring":
                 direction = torch.randn(rows.shape[1], 1, generator=generator).to(rows)
                 for _ in range(3):  # power iteration towards the leading right singular vector
@@ -76,7 +87,7 @@ class ChiralTerm:
                 key = (rows @ direction).squeeze(1).argsort().argsort().double()
                 if assignment is not None:
                     key = key + layer.n * assignment[layer.offset:layer.offset + layer.n].to(key.device).double()
-                self.structure.append(key.argsort())
+                self.structure.append(ring_neighbours(key.argsort()))
             else:
                 unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 similarity = unit @ unit.T
@@ -85,18 +96,17 @@ class ChiralTerm:
                 self.structure.append(similarity.topk(k, dim=1).indices if k > 0 else None)
 
     def apply(self, layers: list[NeuronLayer]) -> None:
-        """``G <- G + gamma J G`` on every neuron layer's ``.grad``, in place."""
-        for layer, structure in zip(layers, self.structure, strict=True):
-            if layer.weight.grad is None or structure is None:
+        """``G <- G + gamma J G`` on every neuron layer's ``.grad``, in place.
+
+        ``J`` acts along the neuron dimension, so the weight rows and the bias are rotated
+        separately (no concatenated copy of the gradient).
+        """
+        ring = self.graph != "knn"
+        for layer, neighbours in zip(layers, self.structure, strict=True):
+            if neighbours is None:
                 continue
-            grad_bias = None if layer.bias is None else layer.bias.grad
-            rows = _rows_with_bias(layer, layer.weight.grad, grad_bias)
-            if self.graph == "knn":
-                rotated = skew_apply(rows, neighbours=structure)
-            else:
-                rotated = skew_apply(rows, order=structure)
-            rotated.mul_(self.gamma)
-            fan = layer.weight.grad[0].numel()
-            layer.weight.grad.add_(rotated[:, :fan].reshape_as(layer.weight.grad))
-            if grad_bias is not None:
-                grad_bias.add_(rotated[:, fan])
+            for param in layer.params:
+                if param.grad is None:
+                    continue
+                rows = param.grad.view(layer.n, -1)
+                rows.add_(skew_apply(rows, neighbours, ring), alpha=self.gamma)

@@ -20,8 +20,8 @@ For every neuron of every layer (``[n_neurons, n_features]``, layers concatenate
 ``depth``              the layer's relative depth in the network, 0 to 1
 =====================  =========================================================
 
-Features are z-scored across all neurons before a controller reads them, so their scales
-do not depend on the model.
+Features are z-scored with running statistics (over neurons and time) before a controller
+reads them, so their scales do not depend on the model (:class:`FeatureNormalizer`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from ribbed.core.layers import NeuronLayer, row_dot, row_sq_norm
 
-__all__ = ["FEATURE_NAMES", "neuron_features", "standardize"]
+__all__ = ["FEATURE_NAMES", "FeatureNormalizer", "neuron_features"]
 
 FEATURE_NAMES = (
     "log_grad_norm",
@@ -98,8 +98,36 @@ def neuron_features(
     return features, features[:, FEATURE_NAMES.index("hypergradient")].clone()
 
 
-def standardize(features: torch.Tensor) -> torch.Tensor:
-    """Z-score each feature across neurons (constant features become 0)."""
-    mean = features.mean(0, keepdim=True)
-    std = features.std(0, keepdim=True, unbiased=False)
-    return (features - mean) / std.clamp_min(1e-6)
+class FeatureNormalizer:
+    """Z-scores features with running statistics over neurons *and* time.
+
+    Standardising across the neurons of one step alone would erase everything when there is
+    one neuron (or when all neurons agree); running means and variances, updated with each
+    refresh (EMA with ``momentum``), keep a neuron's features informative relative to the
+    history of the whole network.
+    """
+
+    def __init__(self, momentum: float = 0.95):
+        self.momentum = momentum
+        self.mean: torch.Tensor | None = None
+        self.sq_mean: torch.Tensor | None = None
+
+    def update(self, features: torch.Tensor) -> None:
+        mean, sq_mean = features.mean(0), features.pow(2).mean(0)
+        if self.mean is None:
+            self.mean, self.sq_mean = mean, sq_mean
+        else:
+            self.mean = self.mean.lerp(mean, 1 - self.momentum)
+            self.sq_mean = self.sq_mean.lerp(sq_mean, 1 - self.momentum)
+
+    def __call__(self, features: torch.Tensor, columns: list[int] | None = None) -> torch.Tensor:
+        """The z-scored ``features`` (or of the given ``columns`` of the statistics)."""
+        mean, sq_mean = (self.mean, self.sq_mean) if columns is None else (self.mean[columns], self.sq_mean[columns])
+        std = (sq_mean - mean.pow(2)).clamp_min(0).sqrt()
+        return (features - mean) / std.clamp_min(1e-3)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "sq_mean": self.sq_mean}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.sq_mean = state["mean"], state["sq_mean"]

@@ -40,7 +40,7 @@ from torch import nn
 
 from ribbed.core.chiral import ChiralTerm
 from ribbed.core.controllers import PREDICTED, ControllerBank
-from ribbed.core.features import FEATURE_NAMES, neuron_features, standardize
+from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
 from ribbed.core.layers import NeuronLayer, find_neuron_layers
 from ribbed.core.routing import OnlineKMeans
 
@@ -95,8 +95,9 @@ class RIBBED(torch.optim.Optimizer):
         chiral_gamma: strength of the chiral term (0: off); its sign is the handedness.
         chiral_graph: ``ring``, ``knn`` or ``random`` (the topology-free control).
         chiral_neighbours: ``k`` of the ``knn`` graph.
-        feature_every: refresh features and train controllers every this many steps.
-        routing_every: re-cluster neurons every this many steps.
+        feature_every: refresh features and train controllers every this many steps (the
+            multipliers stay fixed in between; refreshing is most of RIBBED's cost).
+        routing_every: re-cluster neurons every this many steps (at the next refresh).
         graph_every: rebuild the chiral graphs every this many steps.
         seed: seed of RIBBED's own randomness (controller init, clustering, graphs).
 
@@ -129,7 +130,7 @@ class RIBBED(torch.optim.Optimizer):
         chiral_gamma: float = 0.0,
         chiral_graph: str = "ring",
         chiral_neighbours: int = 4,
-        feature_every: int = 1,
+        feature_every: int = 10,
         routing_every: int = 50,
         graph_every: int = 100,
         seed: int = 0,
@@ -171,12 +172,14 @@ class RIBBED(torch.optim.Optimizer):
             ).to(param_list[0].device if param_list else "cpu")
             self.controller_optimizer = torch.optim.Adam(self.bank.parameters(), lr=controller_lr)
             self.routing = OnlineKMeans(n_controllers)
+            self.normalizer = FeatureNormalizer()
             self.neuron_params = [p for layer in self.layers for p in layer.params]
             self.prev = [p.detach().clone() for p in self.neuron_params]
             self.surprise = torch.zeros(self.n_neurons)
             self.multiplier = torch.ones(self.n_neurons)
             self._lerp_weights: list[torch.Tensor] | None = None
             self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._routed_at = 0
             self._set_recording(True)
 
     # ------------------------------------------------------------------ the step
@@ -227,7 +230,7 @@ class RIBBED(torch.optim.Optimizer):
         controller_loss = prediction_loss = 0.0
         if self._pending is not None:
             inputs, assignment = self._pending
-            target = standardize(raw[:, _PREDICTED_INDEX])
+            target = self.normalizer(raw[:, _PREDICTED_INDEX], _PREDICTED_INDEX)
             with torch.enable_grad():
                 out = self.bank(inputs, assignment)
                 loss = (hyper.to(out.multiplier) * out.multiplier).mean()
@@ -242,10 +245,12 @@ class RIBBED(torch.optim.Optimizer):
                 loss.backward()
                 self.controller_optimizer.step()
             raw[:, _SURPRISE_INDEX] = self.surprise.to(raw.device)
-        inputs = standardize(raw)
+        self.normalizer.update(raw)
+        inputs = self.normalizer(raw)
         self.routing.observe(inputs)
-        if self.routing.assignment is None or self._step_count % self.routing_every == 0:
+        if self.routing.assignment is None or self._step_count - self._routed_at >= self.routing_every:
             self.routing.refresh(self.generator)
+            self._routed_at = self._step_count
         assignment = self.routing.assignment
         out = self.bank(inputs, assignment)
         self.multiplier = out.multiplier
@@ -289,12 +294,14 @@ class RIBBED(torch.optim.Optimizer):
                 bank=self.bank.state_dict(),
                 controller_optimizer=self.controller_optimizer.state_dict(),
                 routing=self.routing.state_dict(),
+                normalizer=self.normalizer.state_dict(),
                 prev=[t.clone() for t in self.prev],
                 surprise=self.surprise.clone(),
                 multiplier=self.multiplier.detach().clone(),
                 pending=None if self._pending is None else list(self._pending),
                 activations=[layer.stats.state_dict() for layer in self.layers],
                 telemetry=dict(self._telemetry),
+                routed_at=self._routed_at,
             )
         if self.chiral is not None:
             state["chiral"] = list(self.chiral.structure)
@@ -309,6 +316,7 @@ class RIBBED(torch.optim.Optimizer):
             self.bank.load_state_dict(state["bank"])
             self.controller_optimizer.load_state_dict(state["controller_optimizer"])
             self.routing.load_state_dict(state["routing"])
+            self.normalizer.load_state_dict(state["normalizer"])
             torch._foreach_copy_(self.prev, state["prev"])
             self.surprise = state["surprise"].clone()
             self.multiplier = state["multiplier"].clone()
@@ -317,6 +325,7 @@ class RIBBED(torch.optim.Optimizer):
             for layer, stats in zip(self.layers, state["activations"], strict=True):
                 layer.stats.load_state_dict(stats)
             self._telemetry = dict(state["telemetry"])
+            self._routed_at = state["routed_at"]
             self._set_recording(self._step_count % self.feature_every == 0)
         if self.chiral is not None:
             self.chiral.structure = list(state["chiral"])

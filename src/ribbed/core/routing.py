@@ -1,10 +1,12 @@
 """Routing neurons to controllers: online k-means over the neurons' trajectory features.
 
-Each neuron's *trajectory feature* is an exponential moving average of its standardised
+Centroids are seeded with k-means++. Each neuron's *trajectory feature* is an exponential moving average of its standardised
 feature vector, so neurons that have been learning alike share a controller. Every
 ``refresh`` the assignment is recomputed by nearest centroid (dense, ``O(N K)`` with
 ``torch.cdist``) followed by one Lloyd update of the centroids; an empty cluster is
-re-seeded at the neuron farthest from its centroid, so no controller is left unused. The
+re-seeded at the neuron farthest from its centroid among clusters of two or more, so no
+controller is left unused while there are neurons to spare (and no neuron is moved out of
+a cluster it is alone in). The
 number of neurons that changed controller is kept (the topology-evolution signal).
 """
 
@@ -13,6 +15,23 @@ from __future__ import annotations
 import torch
 
 __all__ = ["OnlineKMeans"]
+
+
+def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centroid drawn with
+    probability proportional to the squared distance to the nearest one chosen so far.
+    With fewer points than ``k``, points are reused."""
+    n = points.shape[0]
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    nearest = (points - points[chosen[0]]).pow(2).sum(1)
+    for _ in range(1, k):
+        total = float(nearest.sum())
+        if total <= 0:
+            chosen.append(int(torch.randint(n, (1,), generator=generator)))
+        else:
+            chosen.append(int(torch.multinomial((nearest / total).cpu(), 1, generator=generator)))
+        nearest = torch.minimum(nearest, (points - points[chosen[-1]]).pow(2).sum(1))
+    return points[chosen].clone()
 
 
 class OnlineKMeans:
@@ -36,10 +55,8 @@ class OnlineKMeans:
     def refresh(self, generator: torch.Generator) -> torch.Tensor:
         """Reassign every neuron to its nearest centroid, update centroids; return ``[N]`` ids."""
         points = self.trajectory
-        n = points.shape[0]
         if self.centroids is None:
-            pick = torch.randperm(n, generator=generator)[: self.k] % n
-            self.centroids = points[pick.to(points.device)].clone()
+            self.centroids = _kmeans_plus_plus(points, self.k, generator)
         distances = torch.cdist(points, self.centroids)
         assignment = distances.argmin(1)
         counts = torch.bincount(assignment, minlength=self.k)
@@ -47,8 +64,11 @@ class OnlineKMeans:
         occupied = counts > 0
         self.centroids[occupied] = sums[occupied] / counts[occupied].unsqueeze(1)
         empty = (~occupied).nonzero().flatten()
-        if len(empty):
-            far = distances.gather(1, assignment.unsqueeze(1)).squeeze(1).topk(min(len(empty), n)).indices
+        spread = distances.gather(1, assignment.unsqueeze(1)).squeeze(1)
+        spread[counts[assignment] < 2] = -float("inf")  # never empty a cluster to fill another
+        movable = int((spread > -float("inf")).sum())
+        if len(empty) and movable:
+            far = spread.topk(min(len(empty), movable)).indices
             self.centroids[empty[: len(far)]] = points[far]
             assignment[far] = empty[: len(far)]
         self.changes = 0 if self.assignment is None else int((assignment != self.assignment).sum())

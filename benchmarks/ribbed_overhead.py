@@ -1,0 +1,85 @@
+"""Training-step time of RIBBED (all components on) over torch AdamW, and where the time goes.
+
+For each model (the MNIST-1D 1D CNN, and a 784-1024-1024-10 MLP of 1.86M parameters at
+batch 128) this times full training steps (forward, backward, optimiser step) with
+``torch.optim.AdamW(foreach=True)`` and with ``RIBBED`` over the same AdamW, alternating
+A/B blocks in one process, and prints median(RIBBED) / median(AdamW). RIBBED runs with
+every component on (controllers, contextual heads, coupling, self-supervision, activation
+features, chiral term), once refreshing features every step and once every 10 steps.
+Then a ``torch.profiler`` table of one RIBBED configuration shows the most expensive ops.
+
+    python benchmarks/ribbed_overhead.py [--steps 60] [--repeats 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ribbed import RIBBED
+from ribbed.nn import build_model
+
+ALL_ON = {"chiral_gamma": 0.01, "controllers": True, "contextual_heads": True, "coupling": True,
+          "self_supervision": True, "activation_features": True}
+
+
+def models() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    cnn = build_model("cnn1d", input_shape=(40,), num_classes=10)
+    mlp = build_model("mlp", input_shape=(784,), num_classes=10, hidden=(1024, 1024))
+    return {
+        "cnn1d (MNIST-1D)": (cnn, torch.randn(128, 40), torch.randint(0, 10, (128,))),
+        "mlp 784-1024-1024-10": (mlp, torch.randn(128, 784), torch.randint(0, 10, (128,))),
+    }
+
+
+def time_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, steps: int) -> float:
+    started = time.perf_counter()
+    for _ in range(steps):
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (time.perf_counter() - started) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x "
+          f"{args.repeats} repeats, medians")
+    for name, (model, x, y) in models().items():
+        params = sum(p.numel() for p in model.parameters())
+        builders = {
+            "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
+            "ribbed (features every step)": lambda m: RIBBED(m, lr=1e-3, **ALL_ON),
+            "ribbed (features every 10)": lambda m: RIBBED(m, lr=1e-3, feature_every=10, **ALL_ON),
+        }
+        optimizers = {label: build(model) for label, build in builders.items()}
+        times: dict[str, list[float]] = {label: [] for label in builders}
+        for optimizer in optimizers.values():  # warm-up
+            time_steps(model, optimizer, x, y, 5)
+        for _ in range(args.repeats):
+            for label, optimizer in optimizers.items():
+                times[label].append(time_steps(model, optimizer, x, y, args.steps))
+        base = statistics.median(times["adamw"])
+        print(f"\n{name} ({params:,} parameters)")
+        for label, values in times.items():
+            median = statistics.median(values)
+            print(f"  {label:30s} {median * 1e3:8.3f} ms/step   ratio {median / base:5.2f}")
+        if args.profile:
+            optimizer = optimizers["ribbed (features every step)"]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                time_steps(model, optimizer, x, y, 10)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()

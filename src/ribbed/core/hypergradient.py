@@ -1,0 +1,119 @@
+"""Adam-HD with one learning rate per neuron: the cheapest credible Meta-BP baseline.
+
+Hypergradient descent (Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient
+Descent", ICLR) adapts the learning rate online from the dot product of the current gradient
+and the previous update direction. Here every neuron (a row of a ``Linear``/``Conv`` weight
+plus its bias) has its own rate ``alpha_i``; any other parameter has one rate of its own:
+
+    u_t       = m_hat_t / (sqrt(v_hat_t) + eps)                 (Adam's direction)
+    alpha_i  <- alpha_i + beta * <g_t, u_{t-1}>_i                (hypergradient step)
+    w_i      <- w_i - alpha_i * (u_t + weight_decay * w_i)       (decoupled decay, AdamW)
+
+RIBBED's controllers learn from the same per-neuron signal; this baseline uses it directly,
+with no controller, grouping, coupling or features, so a comparison shows what the rest of
+RIBBED adds. It is written here because no maintained PyTorch implementation of per-neuron
+Adam-HD exists (the paper's code adapts one global rate). The moment updates use
+``torch._foreach_*``; only the per-neuron dot products and rate updates are per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ribbed.core.layers import NEURON_MODULES
+
+__all__ = ["AdamHD"]
+
+
+class AdamHD(torch.optim.Optimizer):
+    """AdamW whose learning rate is one hypergradient-adapted value per neuron.
+
+    Args:
+        model: the network (its ``Linear``/``Conv`` weights define the neurons).
+        lr: initial learning rate of every neuron.
+        hypergrad_lr: beta, the learning rate of the learning rates.
+        betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, *, hypergrad_lr: float = 1e-7,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        for name, value in (("lr", lr), ("eps", eps)):
+            if not value > 0:
+                raise ValueError(f"{name}: got {value!r}; allowed: a number > 0")
+        if hypergrad_lr < 0 or weight_decay < 0:
+            raise ValueError(f"hypergrad_lr and weight_decay: got {hypergrad_lr!r}, {weight_decay!r}; "
+                             "allowed: numbers >= 0")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas: got {betas!r}; allowed: two numbers in [0, 1)")
+        super().__init__(model.parameters(), dict(lr=lr, hypergrad_lr=hypergrad_lr, betas=tuple(betas),
+                                                  eps=eps, weight_decay=weight_decay))
+        self._rows = {}
+        for module in model.modules():
+            if isinstance(module, NEURON_MODULES):
+                n = module.weight.shape[0]
+                self._rows[module.weight] = n
+                if module.bias is not None:
+                    self._rows[module.bias] = n
+
+    def _neurons(self, p: torch.Tensor) -> int:
+        return self._rows.get(p, 1)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["direction"] = torch.zeros_like(p)
+                    state["alpha"] = torch.full((self._neurons(p),), float(group["lr"]), device=p.device,
+                                                dtype=p.dtype)
+                state["step"] += 1
+            states = [self.state[p] for p in params]
+            grads = [p.grad for p in params]
+            for p, state in zip(params, states, strict=True):  # per-neuron hypergradient step
+                n = state["alpha"].shape[0]
+                hyper = torch.linalg.vecdot(p.grad.reshape(n, -1), state["direction"].reshape(n, -1))
+                state["alpha"].add_(hyper, alpha=group["hypergrad_lr"])
+            exp_avg = [s["exp_avg"] for s in states]
+            exp_avg_sq = [s["exp_avg_sq"] for s in states]
+            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
+            step = states[0]["step"]
+            bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+            denom = torch._foreach_sqrt(exp_avg_sq)
+            torch._foreach_div_(denom, bias2 ** 0.5)
+            torch._foreach_add_(denom, group["eps"])
+            directions = torch._foreach_div(exp_avg, denom)
+            torch._foreach_div_(directions, bias1)
+            if group["weight_decay"]:
+                torch._foreach_add_(directions, params, alpha=group["weight_decay"])
+            rates = [s["alpha"].view(-1, *([1] * (p.dim() - 1))) if p.dim() else s["alpha"].view(())
+                     for p, s in zip(params, states, strict=True)]
+            torch._foreach_addcmul_(params, rates, directions, value=-1.0)
+            for state, direction in zip(states, directions, strict=True):
+                state["direction"] = direction
+        return loss
+
+    def rates(self) -> torch.Tensor:
+        """Every neuron's current learning rate, concatenated."""
+        return torch.cat([s["alpha"] for s in self.state.values() if "alpha" in s])
+
+    def telemetry(self) -> dict[str, float]:
+        rates = self.rates() if self.state else None
+        if rates is None:
+            return {}
+        return {"hd_lr_mean": float(rates.mean()), "hd_lr_min": float(rates.min()),
+                "hd_lr_max": float(rates.max())}
