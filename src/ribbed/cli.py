@@ -148,14 +148,21 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="Number of seeds (0..N-1).")] = None,
     tune: Annotated[bool, typer.Option(help="Rerun the equal-budget tuning before the final runs.")] = False,
+    nproc: Annotated[int | None, typer.Option(
+        min=1, help="Run on N processes with torchrun (set train.distributed.strategy).")] = None,
     runs_dir: RunsDir = None,
 ) -> None:
     """Run a preset or config file: one run, a comparison of methods x datasets x seeds, or a study."""
+    from ribbed.distributed.launch import worker_runs_dir
     from ribbed.experiments.harness import run_comparison, run_single
     from ribbed.experiments.studies import run_study
 
     try:
         _, cfg = _load(config, set_ or [])
+        if nproc is not None:
+            _launch_workers(nproc, config, set_ or [], seeds, tune, runs_dir)
+            return
+        _quiet_unless_main_rank()
         if isinstance(cfg, StudyConfig) and (seeds is not None or tune):
             _fail("--seeds and --tune apply to runs and comparisons, not to studies")
         if seeds is not None:
@@ -166,7 +173,7 @@ def run(
                 )
             else:
                 cfg = cfg.model_copy(update={"seeds": seeds})
-        root = _runs_dir(runs_dir)
+        root = worker_runs_dir(_runs_dir(runs_dir))
         with _progress_bars() as bars:
             if isinstance(cfg, StudyConfig):
                 outcome = run_study(cfg, runs_dir=root, progress=RichProgress(bars, 1))
@@ -183,6 +190,30 @@ def run(
     console.print(f"record: {outcome.record.path}")
     console.print(f"report: {outcome.report_html}")
     console.print(f"summary: {outcome.report_md}")
+
+
+def _launch_workers(
+    nproc: int, config: str | None, overrides: list[str], seeds: int | None, tune: bool,
+    runs_dir: Path | None,
+) -> None:
+    """``ribbed run`` with the same arguments on ``nproc`` torchrun workers (distributed)."""
+    from ribbed.distributed import DistributedRunError, launch
+
+    args = ["run", *([config] if config else []), *(f"--set={item}" for item in overrides)]
+    args += [f"--seeds={seeds}"] if seeds is not None else []
+    args += ["--tune"] if tune else []
+    args += [f"--runs-dir={runs_dir}"] if runs_dir is not None else []
+    try:
+        launch(args, nproc)
+    except DistributedRunError as exc:
+        _fail(str(exc))
+
+
+def _quiet_unless_main_rank() -> None:
+    """Workers other than rank 0 of a distributed run print nothing (rank 0 reports)."""
+    from ribbed.distributed.process_group import launched_rank
+
+    console.quiet = launched_rank() != 0
 
 
 @app.command()

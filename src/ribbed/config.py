@@ -44,6 +44,7 @@ __all__ = [
     "OptimizerConfig",
     "ScheduleConfig",
     "TargetConfig",
+    "DistributedConfig",
     "TrainConfig",
     "RunConfig",
     "MethodConfig",
@@ -125,6 +126,22 @@ class PluginConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class DistributedConfig(_Strict):
+    """How a run is spread over processes (``ribbed.distributed``; launch with ``--nproc N``).
+
+    ``strategy`` and ``compression`` are registry names checked when the run is built;
+    ``options`` and ``compression_options`` go to them. ``timeout_s`` bounds every collective,
+    so a rank that hangs or dies makes the others fail with an error instead of waiting forever.
+    """
+
+    strategy: str = "none"
+    options: dict[str, Any] = Field(default_factory=dict)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: PositiveFloat = 300.0
+    compression: str = "none"
+    compression_options: dict[str, Any] = Field(default_factory=dict)
+
+
 class TrainConfig(_Strict):
     """How the training loop runs."""
 
@@ -142,6 +159,7 @@ class TrainConfig(_Strict):
     gradient_options: dict[str, Any] = Field(default_factory=dict)
     plugins: list[PluginConfig] = Field(default_factory=list)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
 class RunConfig(_Strict):

@@ -13,6 +13,11 @@ Plug-in points rather than copies: the gradient method (``ribbed.train.gradients
 optimiser (``ribbed.optim``), the batch sampler (``ribbed.train.batches``), training
 plug-ins that act before and after each step (``ribbed.train.plugins``), the precision
 policy, callbacks, and the run record/trackers.
+
+Distribution is a strategy (``ribbed.distributed``, from ``train.distributed``) called at
+fixed points: it wraps the model and builds the optimiser, picks this rank's rows of each
+global batch, averages the loss over ranks, and gives full single-process state dicts for
+checkpoints, so a run resumes under any strategy. The default strategy is one process.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ribbed.config import RunConfig
+from ribbed.config import DistributedConfig, RunConfig
 from ribbed.data import Dataset, Split, load_dataset
+from ribbed.distributed import Strategy, build_strategy
 from ribbed.extensions import load_extensions
 from ribbed.nn import build_model, set_checkpointing
 from ribbed.optim import build_optimizer
@@ -68,6 +74,7 @@ class RunParts:
     batches: Sampler
     device: torch.device
     plugins: list[TrainingPlugin] = field(default_factory=list)
+    strategy: Strategy = field(default_factory=lambda: build_strategy(DistributedConfig()))
 
 
 @dataclass
@@ -142,11 +149,17 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
         **config.model.options,
     ).to(device)
     set_checkpointing(model, train_cfg.checkpointing)
-    optimizer = build_optimizer(
-        config.optimizer.name, model, lr=config.optimizer.lr, **config.optimizer.options
-    )
     gradient_method = build_gradient_method(train_cfg.gradient_method, **train_cfg.gradient_options)
     gradient_method.attach(model)
+    precision = Precision(train_cfg.precision, device.type)
+    strategy = build_strategy(train_cfg.distributed)
+    model, optimizer, gradient_method = strategy.prepare(
+        config, model,
+        lambda module: build_optimizer(
+            config.optimizer.name, module, lr=config.optimizer.lr, **config.optimizer.options
+        ),
+        gradient_method, precision, device,
+    )
     sampler = config.data.sampler
     parts = RunParts(
         config=config,
@@ -154,7 +167,7 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
         model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, total_steps=train_cfg.steps, config=config.schedule),
-        precision=Precision(train_cfg.precision, device.type),
+        precision=precision,
         gradient_method=gradient_method,
         batches=build_sampler(
             sampler.name, dataset.train, batch_size=config.data.batch_size, seed=config.seed,
@@ -162,6 +175,7 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
         ),
         device=device,
         plugins=[build_plugin(plugin.name, plugin.options) for plugin in train_cfg.plugins],
+        strategy=strategy,
     )
     for plugin in parts.plugins:
         plugin.attach(parts)
@@ -229,10 +243,9 @@ def train(
         resume: continue from the record's last checkpoint (exactly, including RNG state).
         evaluate_test: evaluate on the test split at the end (tuning trials skip it).
     """
-    config, model, optimizer = parts.config, parts.model, parts.optimizer
+    config, model, optimizer, strategy = parts.config, parts.model, parts.optimizer, parts.strategy
     cfg = config.train
     loss_fn = task_loss(parts.dataset.task)
-    micro = config.data.batch_size // cfg.grad_accum
     target = cfg.target
     tracker = None
     if record is not None:
@@ -243,10 +256,12 @@ def train(
 
     step, train_seconds, history = 0, 0.0, []
     steps_to_target = seconds_to_target = diverged_at = None
+    if resume and record is not None:
+        checkpoint_path = strategy.checkpoint_path(checkpoint_path)
     if resume and record is not None and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        strategy.load_model_state_dict(model, state["model"])
+        strategy.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         parts.scheduler.load_state_dict(state["scheduler"])
         parts.precision.load_state_dict(state["scaler"])
         for plugin, plugin_state in zip(parts.plugins, state["plugins"], strict=True):
@@ -261,7 +276,8 @@ def train(
 
     def evaluate_split(split: Split) -> dict[str, float]:
         return evaluate(
-            model, split, task=parts.dataset.task, batch_size=config.data.eval_batch_size,
+            strategy.evaluation_model(model), split, task=parts.dataset.task,
+            batch_size=config.data.eval_batch_size,
             precision=parts.precision, device=parts.device,
         )
 
@@ -270,16 +286,20 @@ def train(
     with _deterministic(cfg.deterministic):
         while step < cfg.steps:
             started = time.perf_counter()
+            strategy.begin_step(step)
             optimizer.zero_grad(set_to_none=True)
-            x, y = parts.batches.batch(step)
+            x, y = strategy.local_batch(*parts.batches.batch(step))
+            micro = len(x) // cfg.grad_accum
             loss = torch.zeros((), device=parts.device)
             for part in range(cfg.grad_accum):
                 rows = slice(part * micro, (part + 1) * micro)
-                loss += parts.gradient_method.accumulate(
-                    model, x[rows], y[rows], loss_fn, parts.precision, 1.0 / cfg.grad_accum
-                ).float()
-            loss_value = loss.item() / cfg.grad_accum
+                with strategy.no_sync(model, last_micro_batch=part == cfg.grad_accum - 1):
+                    loss += parts.gradient_method.accumulate(
+                        model, x[rows], y[rows], loss_fn, parts.precision, 1.0 / cfg.grad_accum
+                    ).float()
+            loss_value = strategy.reduce_loss(loss).item() / cfg.grad_accum
             if not math.isfinite(loss_value):
+                strategy.end_step(step, model, optimizer)
                 diverged_at = step
                 break
             if cfg.clip_grad_norm is not None or parts.plugins:
@@ -287,11 +307,12 @@ def train(
             for plugin in parts.plugins:
                 plugin.before_step(step)
             if cfg.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                strategy.clip_grad_norm_(model, cfg.clip_grad_norm)
             parts.precision.step(optimizer)
             parts.scheduler.step()
             for plugin in parts.plugins:
                 plugin.after_step(step)
+            strategy.end_step(step, model, optimizer)
             step += 1
             train_seconds += time.perf_counter() - started
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
@@ -311,6 +332,7 @@ def train(
                 }
                 for plugin in parts.plugins:
                     row.update(plugin.metrics())
+                row.update(strategy.metrics())
                 if hasattr(optimizer, "telemetry"):
                     row.update(optimizer.telemetry())
                 window_loss, window_steps = 0.0, 0
@@ -326,8 +348,8 @@ def train(
                         break
             if record is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_checkpoint(checkpoint_path, {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
+                    "model": strategy.model_state_dict(model),
+                    "optimizer": strategy.optimizer_state_dict(model, optimizer),
                     "scheduler": parts.scheduler.state_dict(),
                     "scaler": parts.precision.state_dict(),
                     "plugins": [plugin.state_dict() for plugin in parts.plugins],
@@ -357,7 +379,7 @@ def train(
         optimizer=optimizer,
     )
     if record is not None:
-        save_weights(record.path / "model.safetensors", model)
+        save_weights(record.path / "model.safetensors", strategy.weights(model))
         tracker.close()
         record.finish(result.status, {k: v for k, v in result.summary().items() if k != "status"})
     return result
