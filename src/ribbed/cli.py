@@ -44,18 +44,19 @@ def _fail(message: str) -> None:
 
 
 class RichProgress:
-    """Progress bars for the harness: one for the whole job, one for the current run."""
+    """Progress bars for the harness: one for the whole job, one per run in progress (and one
+    per study loop), each finished run summarised on a line of its own."""
 
     def __init__(self, progress: Progress, total_runs: int):
         self._progress = progress
         self._overall = progress.add_task("runs", total=total_runs)
-        self._current = None
+        self._tasks: dict[str, Any] = {}
 
     def start_run(self, label: str, steps: int):
-        if self._current is not None:
-            self._progress.remove_task(self._current)
-        self._current = self._progress.add_task(label, total=steps)
-        progress, task = self._progress, self._current
+        for task_id in self._finished():
+            self._progress.remove_task(task_id)
+        task = self._tasks[label] = self._progress.add_task(label, total=steps)
+        progress = self._progress
 
         class _Callback:
             def on_step(self, step: int, loss: float) -> None:
@@ -68,7 +69,15 @@ class RichProgress:
 
         return _Callback()
 
+    def _finished(self) -> list:
+        """Bars of earlier runs that are done (an outer bar, e.g. a study's, stays while open)."""
+        return [task.id for task in self._progress.tasks
+                if task.id != self._overall and task.total is not None and task.completed >= task.total]
+
     def end_run(self, label: str, entry: dict[str, Any]) -> None:
+        task = self._tasks.pop(label, None)
+        if task is not None:  # its line below replaces its bar
+            self._progress.remove_task(task)
         self._progress.advance(self._overall)
         final = entry.get("final", {})
         status = entry.get("status")

@@ -119,7 +119,7 @@ class RIBBED(torch.optim.Optimizer):
         controllers: bool = True,
         n_controllers: int = 4,
         controller_hidden: int = 16,
-        controller_lr: float = 1e-3,
+        controller_lr: float = 1e-2,
         max_multiplier: float = 4.0,
         contextual_heads: bool = True,
         coupling: bool = True,
@@ -254,6 +254,9 @@ class RIBBED(torch.optim.Optimizer):
         assignment = self.routing.assignment
         out = self.bank(inputs, assignment)
         self.multiplier = out.multiplier
+        self._neurons = {"multiplier": out.multiplier, "step": out.step, "coupling": out.coupling,
+                         "gate": out.gate, "surprise": self.surprise.clone(), "hypergradient": hyper,
+                         "controller": assignment}
         self._lerp_weights = self._lerp_from(out.multiplier)
         self._pending = (inputs, assignment)
         self._telemetry = {
@@ -283,6 +286,10 @@ class RIBBED(torch.optim.Optimizer):
     def telemetry(self) -> dict[str, float]:
         """Summary of the last controller refresh (multiplier, coupling, gate, surprise...)."""
         return dict(self._telemetry)
+
+    def neuron_state(self) -> dict[str, torch.Tensor]:
+        """Per-neuron values ``[N]`` of the last refresh (layers in model order), for plots."""
+        return {name: value.detach().cpu().clone() for name, value in getattr(self, "_neurons", {}).items()}
 
     # ------------------------------------------------------------------ persistence
 

@@ -120,3 +120,100 @@ def phase1(context, *, learning_rates: tuple[float, ...] = (0.003, 0.05, 0.9), s
              "is the lowest loss any method can reach.",
     )
     return StudyResult(tables=[table], figures=figures, findings=findings)
+
+
+class _NeuronSnapshots:
+    """Callback recording RIBBED's per-neuron state every ``every`` steps."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.steps: list[int] = []
+        self.values: dict[str, list[torch.Tensor]] = {}
+
+    def attach(self, parts) -> None:
+        self.optimizer = parts.optimizer
+
+    def on_step(self, step: int, loss: float) -> None:
+        if step % self.every:
+            return
+        state = self.optimizer.neuron_state()
+        if not state:
+            return
+        self.steps.append(step)
+        for name, value in state.items():
+            self.values.setdefault(name, []).append(value.float())
+
+
+DYNAMICS_VARIANTS = {
+    "full": {},
+    "no self-supervision": {"self_supervision": False},
+    "no coupling (lambda = 1)": {"coupling": False},
+    "one head (no explore/exploit gate)": {"contextual_heads": False},
+}
+
+
+@register_study("metabp-dynamics", "lambda, surprise and step multipliers over training (Meta-BP dynamics)")
+def metabp_dynamics(context, *, dataset: str = "mnist1d", hidden: tuple[int, ...] = (128, 128),
+                    steps: int = 2000, lr: float = 3e-3, seeds: int = 2, snapshot_every: int = 50,
+                    feature_every: int = 10) -> StudyResult:
+    """Train an MLP with RIBBED variants; plot per-neuron dynamics and compare final accuracy."""
+    from ribbed.config import RunConfig
+
+    summary_rows, curves, heatmaps = [], {}, None
+    for variant, switches in context.steps(DYNAMICS_VARIANTS.items(), "variants"):
+        finals, snapshots = [], []
+        for seed in range(seeds):
+            config = RunConfig.model_validate({
+                "name": "metabp-dynamics", "seed": seed,
+                "data": {"name": dataset, "batch_size": 128},
+                "model": {"name": "mlp", "options": {"hidden": list(hidden)}},
+                "optimizer": {"name": "ribbed", "lr": lr,
+                              "options": {"feature_every": feature_every, **switches}},
+                "train": {"steps": steps, "eval_every": max(1, steps // 10)},
+            })
+            recorder = _NeuronSnapshots(snapshot_every)
+            _, result = context.train(config, method=variant, label=f"{variant} · seed {seed}",
+                                      callbacks=[recorder])
+            finals.append(result.final.get("test_acc", float("nan")))
+            snapshots.append(recorder)
+        mean, low, high = mean_ci(finals)
+        first = snapshots[0]
+        summary_rows.append([
+            variant, mean, (high - low) / 2 if seeds > 1 else None,
+            float(first.values["multiplier"][-1].mean()), float(first.values["coupling"][-1].mean()),
+            float(first.values["surprise"][-1].mean()),
+        ])
+        curves[variant] = {name: [float(v.mean()) for v in values] for name, values in first.values.items()
+                           if name in ("multiplier", "coupling", "surprise", "gate")}
+        curves[variant]["steps"] = first.steps
+        if heatmaps is None:
+            heatmaps = first
+    figures = []
+    figure = Figure(figsize=(13, 3.4), layout="constrained")
+    for index, name in enumerate(("multiplier", "coupling", "surprise")):
+        ax = figure.add_subplot(1, 3, index + 1)
+        grid = torch.stack(heatmaps.values[name], dim=1)
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                          extent=(heatmaps.steps[0], heatmaps.steps[-1], grid.shape[0], 0))
+        figure.colorbar(image, ax=ax)
+        ax.set_title(f"{name} per neuron (full RIBBED, seed 0)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("neuron (layers in order)")
+    figures.append(FigureSpec("heatmaps", figure, "Per-neuron step multiplier, coupling strength lambda and "
+                              "surprise over training; rows are neurons, layer by layer."))
+    figure = Figure(figsize=(13, 3.2), layout="constrained")
+    for index, name in enumerate(("multiplier", "coupling", "surprise", "gate")):
+        ax = figure.add_subplot(1, 4, index + 1)
+        for variant, values in curves.items():
+            ax.plot(values["steps"], values[name], label=variant)
+        ax.set_title(f"mean {name}", fontsize=10)
+        ax.set_xlabel("step")
+    figure.axes[0].legend(fontsize=7)
+    figures.append(FigureSpec("variants", figure, "Mean over neurons of each quantity, per variant (seed 0)."))
+    table = Table("Final test accuracy and end-of-training state per variant",
+                  ["variant", "test_acc (mean)", "95% CI half-width", "final mean multiplier",
+                   "final mean lambda", "final mean surprise"], summary_rows,
+                  note=f"{dataset}, MLP {list(hidden)}, {steps} steps, lr {lr:g}, {seeds} seeds.")
+    best = max(summary_rows, key=lambda row: row[1])
+    findings = [f"Best variant by mean test accuracy: {best[0]} ({best[1]:.4f}); see the table for intervals."]
+    return StudyResult(tables=[table], figures=figures, findings=findings)

@@ -103,8 +103,13 @@ class StudyContext:
             if callback is not None:
                 callback.on_step(done, 0.0)
 
-    def train(self, config: RunConfig, *, method: str, dataset=None, label: str | None = None):
-        """Train ``config`` as a child record of this study; returns ``(record, TrainResult)``."""
+    def train(self, config: RunConfig, *, method: str, dataset=None, label: str | None = None,
+              callbacks: Sequence = ()):
+        """Train ``config`` as a child record of this study; returns ``(record, TrainResult)``.
+
+        ``callbacks`` are given the run's parts first (``callback.attach(parts)`` when they
+        have it), so they can read the model or optimiser while it trains.
+        """
         from ribbed.data import load_dataset
         from ribbed.runs import create_run
         from ribbed.train import build_run, train
@@ -118,7 +123,10 @@ class StudyContext:
             parent=self.record.id, method=method,
             dataset=f"{config.data.name}/{config.model.name}", seed=config.seed,
         )
-        callbacks = []
+        for callback in callbacks:
+            if hasattr(callback, "attach"):
+                callback.attach(parts)
+        callbacks = list(callbacks)
         if self.progress is not None:
             callbacks.append(self.progress.start_run(label or method, config.train.steps))
         try:
