@@ -260,12 +260,12 @@ def train(
         checkpoint_path = strategy.checkpoint_path(checkpoint_path)
     if resume and record is not None and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)
+        for plugin, plugin_state in zip(parts.plugins, state["plugins"], strict=True):
+            plugin.load_state_dict(plugin_state)  # first: a plug-in may reshape the model (growth)
         strategy.load_model_state_dict(model, state["model"])
         strategy.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         parts.scheduler.load_state_dict(state["scheduler"])
         parts.precision.load_state_dict(state["scaler"])
-        for plugin, plugin_state in zip(parts.plugins, state["plugins"], strict=True):
-            plugin.load_state_dict(plugin_state)
         torch.set_rng_state(state["rng"])
         step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
         steps_to_target, seconds_to_target = state["steps_to_target"], state["seconds_to_target"]
