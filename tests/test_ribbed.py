@@ -239,7 +239,7 @@ def test_adam_hd_rates_are_per_neuron_and_follow_the_hypergradient():
         (0.5 * (layer.weight - target).pow(2).sum()).backward()
         optimizer.step()
         optimizer.zero_grad()
-    rates = optimizer.state[layer.weight]["alpha"]
+    rates = optimizer.state[layer.weight]["scale"] * 1e-3
     assert rates.shape == (6,) and (rates > 1e-3).all(), rates
     assert len(set(rates.tolist())) == 6
 

@@ -261,6 +261,11 @@ class ComparisonConfig(_Strict):
             )
         if isinstance(self.seeds, list) and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        labels = [entry.label for entry in self.dataset_entries]
+        shared = sorted({label for label in labels if labels.count(label) > 1})
+        if shared:
+            raise ValueError(f"datasets: entries share the label(s) {shared} (data.name/model.name); "
+                             "allowed: distinct labels")
         return self
 
     @property

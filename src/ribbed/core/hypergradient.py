@@ -3,11 +3,16 @@
 Hypergradient descent (Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient
 Descent", ICLR) adapts the learning rate online from the dot product of the current gradient
 and the previous update direction. Here every neuron (a row of a ``Linear``/``Conv`` weight
-plus its bias) has its own rate ``alpha_i``; any other parameter has one rate of its own:
+plus its bias) has its own rate ``alpha_i = lr_t * s_i``, where ``lr_t`` is the group's
+(scheduled) learning rate and ``s_i`` the neuron's adapted scale; any other parameter has
+one scale of its own:
 
-    u_t       = m_hat_t / (sqrt(v_hat_t) + eps)                 (Adam's direction)
-    alpha_i  <- alpha_i + beta * <g_t, u_{t-1}>_i                (hypergradient step)
-    w_i      <- w_i - alpha_i * (u_t + weight_decay * w_i)       (decoupled decay, AdamW)
+    u_t    = m_hat_t / (sqrt(v_hat_t) + eps)                     (Adam's direction)
+    s_i   <- s_i + (beta / lr_t) * <g_t, u_{t-1}>_i               (hypergradient step on alpha_i)
+    w_i   <- w_i - lr_t * s_i * (u_t + weight_decay * w_i)        (decoupled decay, AdamW)
+
+With a constant ``lr`` this is exactly ``alpha_i <- alpha_i + beta <g_t, u_{t-1}>_i``; with a
+schedule, the schedule scales every neuron's rate.
 
 RIBBED's controllers learn from the same per-neuron signal; this baseline uses it directly,
 with no controller, grouping, coupling or features, so a comparison shows what the rest of
@@ -77,15 +82,17 @@ class AdamHD(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                     state["direction"] = torch.zeros_like(p)
-                    state["alpha"] = torch.full((self._neurons(p),), float(group["lr"]), device=p.device,
-                                                dtype=p.dtype)
+                    state["scale"] = torch.ones(self._neurons(p), device=p.device, dtype=p.dtype)
                 state["step"] += 1
             states = [self.state[p] for p in params]
             grads = [p.grad for p in params]
+            lr = group["lr"]
             for p, state in zip(params, states, strict=True):  # per-neuron hypergradient step
-                n = state["alpha"].shape[0]
+                if lr <= 0:  # a schedule at zero takes no step, and learns no rate
+                    break
+                n = state["scale"].shape[0]
                 hyper = torch.linalg.vecdot(p.grad.reshape(n, -1), state["direction"].reshape(n, -1))
-                state["alpha"].add_(hyper, alpha=group["hypergrad_lr"])
+                state["scale"].add_(hyper, alpha=group["hypergrad_lr"] / lr)
             exp_avg = [s["exp_avg"] for s in states]
             exp_avg_sq = [s["exp_avg_sq"] for s in states]
             torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
@@ -100,16 +107,17 @@ class AdamHD(torch.optim.Optimizer):
             torch._foreach_div_(directions, bias1)
             if group["weight_decay"]:
                 torch._foreach_add_(directions, params, alpha=group["weight_decay"])
-            rates = [s["alpha"].view(-1, *([1] * (p.dim() - 1))) if p.dim() else s["alpha"].view(())
-                     for p, s in zip(params, states, strict=True)]
-            torch._foreach_addcmul_(params, rates, directions, value=-1.0)
+            scales = [s["scale"].view(-1, *([1] * (p.dim() - 1))) if p.dim() else s["scale"].view(())
+                      for p, s in zip(params, states, strict=True)]
+            torch._foreach_addcmul_(params, scales, directions, value=-lr)
             for state, direction in zip(states, directions, strict=True):
                 state["direction"] = direction
         return loss
 
     def rates(self) -> torch.Tensor:
-        """Every neuron's current learning rate, concatenated."""
-        return torch.cat([s["alpha"] for s in self.state.values() if "alpha" in s])
+        """Every neuron's current learning rate (first group's lr times its scale), concatenated."""
+        lr = self.param_groups[0]["lr"]
+        return torch.cat([s["scale"] * lr for s in self.state.values() if "scale" in s])
 
     def telemetry(self) -> dict[str, float]:
         rates = self.rates() if self.state else None

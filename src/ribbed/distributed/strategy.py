@@ -139,14 +139,23 @@ class Strategy:
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> None:
         nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
+    def _silent(self) -> bool:
+        """The single-process default measures nothing: no metric would report it, and
+        measuring the model state every step would cost the plain loop its speed."""
+        return self.name == "none" and not dist.is_initialized()
+
     def begin_step(self, step: int) -> None:
         """Start counting this step's communication and time."""
+        if self._silent():
+            return
         if self.counter is not None:
             self.counter.__enter__()
         self._step_started = time.perf_counter()
 
     def end_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """The optimiser stepped: stop counting, measure the model state this rank holds."""
+        if self._silent():
+            return
         self._window_seconds += time.perf_counter() - self._step_started
         self._window_steps += 1
         if self.counter is not None:
@@ -165,7 +174,7 @@ class Strategy:
     def metrics(self) -> dict[str, float]:
         """Memory (peak so far), communication and step time since the last call, each the
         largest over ranks (a collective: the busiest rank is what limits a run)."""
-        if self.world_size == 1 and self.name == "none":
+        if self._silent():
             return {}
         steps = max(self._window_steps, 1)
         row = {

@@ -8,8 +8,12 @@ LM head tied to the token embedding (Press & Wolf, 2017, arXiv:1608.05859).
 Attention and feed-forward layers are looked up by name in :data:`ATTENTION` and
 :data:`FEED_FORWARD`, so a variant is a registered class, not a copy of the model:
 
-* attention: ``cls(n_embd, n_head, block_size, dropout, bias)``, causal ``[B, T, C] -> [B, T, C]``;
-* feed-forward: ``cls(n_embd, dropout, bias)``, ``[B, T, C] -> [B, T, C]``.
+* attention: ``cls(n_embd, n_head, block_size, dropout, bias, **options)``, causal
+  ``[B, T, C] -> [B, T, C]``;
+* feed-forward: ``cls(n_embd, dropout, bias, **options)``, ``[B, T, C] -> [B, T, C]``.
+
+A variant's own keyword arguments (a window size, a number of experts) are its options,
+given as the model's ``attention_options`` / ``feed_forward_options`` and checked by name.
 
 A layer that names its residual output projection ``c_proj`` gets GPT-2's scaled init.
 """
@@ -32,6 +36,7 @@ from ribbed.nn.registry import (
     is_positive_int,
     register_model,
 )
+from ribbed.registry import allowed_options
 
 Layer = TypeVar("Layer", bound=type[nn.Module])
 
@@ -59,6 +64,24 @@ def register_attention(name: str) -> Callable[[Layer], Layer]:
 def register_feed_forward(name: str) -> Callable[[Layer], Layer]:
     """Class decorator adding a position-wise feed-forward layer to :data:`FEED_FORWARD`."""
     return _registrar(FEED_FORWARD, "feed_forward", name)
+
+
+_ATTENTION_ARGS = ("n_embd", "n_head", "block_size", "dropout", "bias")
+_FEED_FORWARD_ARGS = ("n_embd", "dropout", "bias")
+
+
+def _check_layer_options(
+    field: str, name: str, cls: type[nn.Module], options: object, positional: tuple[str, ...]
+) -> dict:
+    """``options`` as a dict after checking they are keyword arguments of ``cls``."""
+    check_option(field, options, isinstance(options, dict), "a mapping of option names to values")
+    allowed = allowed_options(cls.__init__, positional) or []
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ModelError(
+            f"unknown {field} {unknown} for {name!r}; allowed: {', '.join(allowed) or '(none)'}"
+        )
+    return dict(options)
 
 
 class CausalSelfAttention(nn.Module):
@@ -162,6 +185,9 @@ class GPT(nn.Module):
         attention: a key of :data:`ATTENTION`.
         feed_forward: a key of :data:`FEED_FORWARD`.
         bias: whether Linear and LayerNorm layers have biases.
+        attention_options: keyword options of the attention layer (e.g. ``{window: 32}``).
+        feed_forward_options: keyword options of the feed-forward layer (e.g.
+            ``{n_experts: 4}``).
     """
 
     tasks = ("language-modeling",)
@@ -177,6 +203,8 @@ class GPT(nn.Module):
         attention: str = "sdpa",
         feed_forward: str = "mlp",
         bias: bool = True,
+        attention_options: dict | None = None,
+        feed_forward_options: dict | None = None,
     ):
         super().__init__()
         check_option("input_shape", input_shape, len(input_shape) == 1, "(block_size,)")
@@ -189,14 +217,24 @@ class GPT(nn.Module):
             "feed_forward", feed_forward, feed_forward in FEED_FORWARD, str(sorted(FEED_FORWARD))
         )
         check_option("bias", bias, isinstance(bias, bool), "True or False")
+        attention_options = _check_layer_options(
+            "attention_options", attention, ATTENTION[attention],
+            {} if attention_options is None else attention_options, _ATTENTION_ARGS,
+        )
+        feed_forward_options = _check_layer_options(
+            "feed_forward_options", feed_forward, FEED_FORWARD[feed_forward],
+            {} if feed_forward_options is None else feed_forward_options, _FEED_FORWARD_ARGS,
+        )
         self.block_size = input_shape[0]
         self.wte = nn.Embedding(num_classes, n_embd)
         self.wpe = nn.Embedding(self.block_size, n_embd)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                ATTENTION[attention](n_embd, n_head, self.block_size, dropout, bias),
-                FEED_FORWARD[feed_forward](n_embd, dropout, bias),
+                ATTENTION[attention](
+                    n_embd, n_head, self.block_size, dropout, bias, **attention_options
+                ),
+                FEED_FORWARD[feed_forward](n_embd, dropout, bias, **feed_forward_options),
                 n_embd,
                 bias,
             )

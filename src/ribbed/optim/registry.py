@@ -1,24 +1,39 @@
-"""The optimiser registry: short names for ``torch.optim`` classes, plus any import path.
+"""The optimiser registry: short names for optimiser classes, plus any import path.
 
 ``build_optimizer("adamw", model, lr=3e-3, weight_decay=0.01)`` and
 ``build_optimizer("torch.optim.AdamW", model, lr=3e-3)`` build the same thing. A registry
 entry is a factory ``(model, lr, **options) -> Optimizer`` rather than a class, so methods
-that need the model itself (RIBBED attaches forward hooks) register the same way.
+that need the model itself (K-FAC and RIBBED attach hooks) register the same way.
+
+A factory that also takes a keyword ``params`` can be built on given parameter groups
+instead of ``model.parameters()``; wrappers that regroup parameters (layer-wise rates) need
+that of their base. :func:`register_optimizer_class` registers any ``torch.optim``-style
+class that way, with its constructor's keywords as the allowed options.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ribbed.registry import Registry, check_options
 
-__all__ = ["OPTIMIZERS", "OptimizerError", "build_optimizer", "list_optimizers", "register_optimizer"]
+__all__ = [
+    "OPTIMIZERS",
+    "OptimizerError",
+    "ParamsArg",
+    "build_optimizer",
+    "list_optimizers",
+    "register_optimizer",
+    "register_optimizer_class",
+]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+ParamsArg = Iterable[torch.Tensor] | Iterable[dict] | None
 
 
 class OptimizerError(ValueError):
@@ -43,19 +58,46 @@ def list_optimizers() -> dict[str, str]:
     return OPTIMIZERS.describe()
 
 
-def _torch_optimizer(cls: type[torch.optim.Optimizer], description: str, **defaults):
-    def factory(model: nn.Module, lr: float, **options):
-        return cls(model.parameters(), lr=lr, **{**defaults, **options})
+def _explicit_signature(cls: type) -> Callable:
+    """A stand-in whose signature is ``cls``'s without ``**kwargs``.
+
+    Some libraries' constructors take ``**kwargs`` and store unknown keys silently; checking
+    options against the named keywords turns a misspelt option into an error.
+    """
+    signature = inspect.signature(cls)
+    named = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+    def options_of(*args, **kwargs):  # pragma: no cover - only its signature is read
+        raise NotImplementedError
+
+    options_of.__signature__ = signature.replace(parameters=named)
+    return options_of
+
+
+def _class_factory(cls: type[torch.optim.Optimizer], **defaults) -> OptimizerFactory:
+    def factory(model: nn.Module, lr: float, params: ParamsArg = None, **options):
+        return cls(model.parameters() if params is None else params, lr=lr, **{**defaults, **options})
 
     factory.__name__ = f"build_{cls.__name__.lower()}"
-    return register_optimizer(cls.__name__.lower(), description, signature_of=cls)(factory)
+    return factory
 
 
-_torch_optimizer(torch.optim.SGD, "torch.optim.SGD (momentum, nesterov, weight_decay)", foreach=True)
-_torch_optimizer(torch.optim.Adam, "torch.optim.Adam (Kingma & Ba 2015)", foreach=True)
-_torch_optimizer(torch.optim.AdamW, "torch.optim.AdamW, decoupled weight decay (Loshchilov & Hutter 2019)", foreach=True)
-_torch_optimizer(torch.optim.RMSprop, "torch.optim.RMSprop (Hinton 2012)", foreach=True)
-_torch_optimizer(torch.optim.Adagrad, "torch.optim.Adagrad (Duchi et al. 2011)", foreach=True)
+def register_optimizer_class(name: str, cls: type[torch.optim.Optimizer], description: str, **defaults):
+    """Register ``cls(params, lr=lr, **defaults, **options)`` under ``name``.
+
+    The options allowed are ``cls``'s constructor keywords; ``defaults`` are applied unless
+    the config sets them (e.g. ``foreach=True``).
+    """
+    return register_optimizer(name, description, signature_of=_explicit_signature(cls))(
+        _class_factory(cls, **defaults)
+    )
+
+
+register_optimizer_class("sgd", torch.optim.SGD, "torch.optim.SGD (momentum, nesterov, weight_decay)", foreach=True)
+register_optimizer_class("adam", torch.optim.Adam, "torch.optim.Adam (Kingma & Ba 2015)", foreach=True)
+register_optimizer_class("adamw", torch.optim.AdamW, "torch.optim.AdamW, decoupled weight decay (Loshchilov & Hutter 2019)", foreach=True)
+register_optimizer_class("rmsprop", torch.optim.RMSprop, "torch.optim.RMSprop (Hinton 2012)", foreach=True)
+register_optimizer_class("adagrad", torch.optim.Adagrad, "torch.optim.Adagrad (Duchi et al. 2011)", foreach=True)
 
 
 def _import_class(path: str) -> Callable:
@@ -73,23 +115,43 @@ def _import_class(path: str) -> Callable:
     return target
 
 
-def build_optimizer(name: str, model: nn.Module, *, lr: float, **options) -> torch.optim.Optimizer:
-    """Build the optimiser ``name`` (registry name or ``package.module.Class``) for ``model``."""
+def _takes_params(factory: Callable) -> bool:
+    return "params" in inspect.signature(factory).parameters
+
+
+def build_optimizer(
+    name: str, model: nn.Module, *, lr: float, params: ParamsArg = None, **options
+) -> torch.optim.Optimizer:
+    """Build the optimiser ``name`` (registry name or ``package.module.Class``) for ``model``.
+
+    Args:
+        name: a registered name (:func:`list_optimizers`) or an import path of an optimiser class.
+        model: the model whose parameters are optimised (factories may also attach hooks to it).
+        lr: the learning rate (it lives in ``param_groups``, so LR schedulers work).
+        params: parameters or parameter groups to optimise instead of ``model.parameters()``;
+            only for entries whose factory takes ``params``.
+        options: the optimiser's keyword options (``optimizer.options`` in a config).
+    """
     if name in OPTIMIZERS:
         entry = OPTIMIZERS.entry(name)
         factory, signature_of = entry.factory, entry.signature_of
     elif "." in name:
         cls = _import_class(name)
-        factory = lambda model, lr, **kw: cls(model.parameters(), lr=lr, **kw)  # noqa: E731
-        signature_of = cls
+        factory, signature_of = _class_factory(cls), _explicit_signature(cls)
     else:
         raise OptimizerError(
             f"optimizer.name {name!r} is not registered; registered names: "
             f"{', '.join(OPTIMIZERS.names())}; or give an import path such as torch.optim.AdamW"
         )
+    if params is not None and not _takes_params(factory):
+        raise OptimizerError(
+            f"optimizer {name!r} cannot be built on given parameter groups (its factory takes no "
+            "`params`), so it cannot be the base of a wrapper that regroups parameters"
+        )
+    extra = {} if params is None else {"params": params}
     try:
         check_options("optimizer.options", name, signature_of, options, OPTIMIZERS.positional)
-        optimizer = factory(model, lr, **options)
+        optimizer = factory(model, lr, **extra, **options)
     except (TypeError, ValueError) as exc:
         raise OptimizerError(f"optimizer {name!r} with lr={lr} and options {options}: {exc}") from None
     if not isinstance(optimizer, torch.optim.Optimizer):

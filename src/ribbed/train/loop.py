@@ -160,6 +160,11 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
         ),
         gradient_method, precision, device,
     )
+    if getattr(optimizer, "needs_batch", False) and not getattr(gradient_method, "keeps_batch", False):
+        raise ValueError(
+            f"train.gradient_method: got {train_cfg.gradient_method!r} for optimizer.name "
+            f"{config.optimizer.name!r}, which evaluates the loss on the step's batch; allowed: keep-batch"
+        )
     sampler = config.data.sampler
     parts = RunParts(
         config=config,

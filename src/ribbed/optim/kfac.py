@@ -1,0 +1,261 @@
+"""K-FAC: Kronecker-factored natural-gradient preconditioning in front of any base optimiser.
+
+Martens & Grosse 2015 ("Optimizing Neural Networks with Kronecker-factored Approximate
+Curvature", ICML, arXiv:1503.05671) approximate each layer's block of the Fisher by a
+Kronecker product ``A ⊗ G`` of the input second moment and the output-gradient second
+moment; convolutions use the KFC factors of Grosse & Martens 2016 ("A Kronecker-factored
+approximate Fisher matrix for convolution layers", arXiv:1602.01407), spatial positions
+counted as extra samples of the input factor. With ``ā = [a, 1]`` (the layer input, with a
+1 for the bias) and ``δ = ∂ℓ_i/∂s`` (the per-sample loss gradient of the pre-activation):
+
+    A = E_i[(1/T) Σ_t ā_t ā_tᵀ],    G = E_i[Σ_t δ_t δ_tᵀ],
+
+over ``T`` positions (1 for a dense layer). Both are running averages (``factor_decay``).
+Every ``inverse_every`` steps each factor is eigen-decomposed, ``A = Q_A Λ_A Q_Aᵀ``, and the
+layer's gradient matrix ``∇W`` (weight and bias as one ``[out, in + 1]`` matrix) becomes
+
+    Q_G [(Q_Gᵀ ∇W Q_A) / (λ_G λ_Aᵀ + damping)] Q_Aᵀ  =  (A ⊗ G + damping·I)⁻¹ vec(∇W),
+
+the exact inverse of the damped Kronecker product (the eigenbasis form of George et al.
+2018). The whole preconditioned step is then shrunk so that its predicted KL change is at
+most ``kl_clip`` (Ba, Grosse & Martens 2017), and the base optimiser (SGD by default, Adam
+works too) takes its step with the rewritten gradients. Layers K-FAC does not cover
+(normalisation, embeddings, grouped convolutions, string paddings) keep their gradients.
+
+Why our own: the maintained PyTorch K-FAC libraries (``kfac-pytorch``, ``asdfghjkl``,
+``nngeometry``, ``backpack``/``curvlinops`` for the factors) either target distributed
+training with their own training-loop contract or pull in torchvision and a different torch
+build; this is one module whose factors are checked against their definition in float64.
+
+The factors are collected by hooks on the model: a forward hook keeps each layer's input
+and hooks its output's gradient. The per-sample gradient scale assumes the loss is the mean
+over the step's samples, split into equal micro-batches whose losses are averaged, as the
+training loop does. fp16 loss scaling would scale ``G``, so K-FAC rejects fp16 gradients.
+``G`` comes from the training loss's own backward pass, i.e. the true targets (the factor of
+the empirical Fisher, as in most K-FAC libraries); Martens & Grosse sample targets from the
+model instead, which costs a second backward pass. Activation checkpointing re-runs the
+forward pass during backward and would count a batch twice: use K-FAC without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ribbed.optim.registry import OptimizerError, register_optimizer
+from ribbed.optim.wrapper import WrappedOptimizer, build_base
+
+__all__ = ["KFAC", "kfac_layers", "layer_inputs", "layer_output_grads"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _is_supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, _CONVS) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def kfac_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers K-FAC preconditions: ``Linear``, and ``Conv1d``/``Conv2d`` with one group and zero padding."""
+    return [m for m in model.modules() if _is_supported(m) and m.weight.requires_grad]
+
+
+def layer_inputs(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The layer's input rows ``[samples * positions, in (+1 for bias)]`` whose outer products form ``A``."""
+    if isinstance(module, nn.Linear):
+        rows = a.reshape(-1, a.shape[-1])
+    else:
+        if isinstance(module, nn.Conv1d):
+            a = a.unsqueeze(2)
+            kernel, stride, padding, dilation = ((1, *module.kernel_size), (1, *module.stride),
+                                                 (0, *module.padding), (1, *module.dilation))
+        else:
+            kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+        patches = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    if module.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(len(rows), 1)], dim=1)
+    return rows
+
+
+def layer_output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """The output-gradient rows ``[samples * positions, out]`` whose outer products form ``G``."""
+    if isinstance(module, nn.Linear):
+        return g.reshape(-1, g.shape[-1])
+    return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
+
+
+def _grad_matrix(module: nn.Module) -> torch.Tensor:
+    """Weight (and bias) gradient as one ``[out, in (+1)]`` matrix, matching :func:`layer_inputs`."""
+    grad = module.weight.grad.reshape(module.weight.shape[0], -1)
+    if module.bias is not None:
+        grad = torch.cat([grad, module.bias.grad.unsqueeze(1)], dim=1)
+    return grad
+
+
+class KFAC(WrappedOptimizer):
+    """K-FAC preconditioner over ``base`` for the ``Linear`` and ``Conv`` layers of ``model``.
+
+    Args:
+        model: the network; hooks are registered on its supported layers.
+        base: the optimiser that steps with the preconditioned gradients.
+        damping: Tikhonov damping added to the Kronecker product's eigenvalues.
+        factor_decay: running-average weight of the old factors (0: latest batch only).
+        factor_every: collect factors every this many steps.
+        inverse_every: refresh the eigendecompositions every this many steps.
+        kl_clip: bound on ``lr² Σ ⟨precond, grad⟩``; ``None`` turns the clipping off.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> opt = KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> loss = model(torch.randn(16, 4)).square().mean(); loss.backward(); opt.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base: torch.optim.Optimizer,
+        *,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        factor_every: int = 1,
+        inverse_every: int = 10,
+        kl_clip: float | None = 1e-3,
+    ):
+        _check("damping", damping, damping > 0, "> 0")
+        _check("factor_decay", factor_decay, 0 <= factor_decay < 1, "in [0, 1)")
+        _check("factor_every", factor_every, isinstance(factor_every, int) and factor_every >= 1, "an integer >= 1")
+        _check("inverse_every", inverse_every, isinstance(inverse_every, int) and inverse_every >= 1, "an integer >= 1")
+        _check("kl_clip", kl_clip, kl_clip is None or kl_clip > 0, "> 0 or null")
+        super().__init__(base, {"damping": damping, "factor_decay": factor_decay, "kl_clip": kl_clip})
+        self.factor_every, self.inverse_every = factor_every, inverse_every
+        optimised = {id(p) for group in self.param_groups for p in group["params"]}
+        self.layers = [m for m in kfac_layers(model) if id(m.weight) in optimised]
+        if not self.layers:
+            raise OptimizerError("optimizer 'kfac': the model has no Linear or Conv1d/Conv2d layer to precondition")
+        self._pending: dict[nn.Module, dict[str, Any]] = {}
+        self._hooks = [m.register_forward_hook(self._forward_hook) for m in self.layers]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients and any statistics collected since the last step (a new step begins)."""
+        super().zero_grad(set_to_none)
+        self._pending.clear()
+
+    def _collecting(self) -> bool:
+        steps = self.state[self.layers[0].weight].get("steps", 0)
+        return steps % self.factor_every == 0
+
+    def _forward_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not (module.training and torch.is_grad_enabled() and output.requires_grad and self._collecting()):
+            return
+        a = args[0].detach()
+        output.register_hook(lambda grad: self._accumulate(module, a, grad.detach()))
+
+    @torch.no_grad()
+    def _accumulate(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> None:
+        if g.dtype == torch.float16:
+            raise RuntimeError(
+                "optimizer 'kfac': fp16 gradients carry the loss scale into the curvature factors; "
+                "allowed train.precision: fp32 or bf16"
+            )
+        dtype = torch.promote_types(module.weight.dtype, torch.float32)
+        n = a.shape[0]
+        inputs = layer_inputs(module, a.to(dtype))
+        grads = layer_output_grads(module, g.to(dtype))
+        pending = self._pending.setdefault(module, {"A": 0.0, "S": 0.0, "count": 0})
+        pending["A"] = pending["A"] + inputs.T @ inputs / len(inputs)
+        pending["S"] = pending["S"] + n * (grads.T @ grads)
+        pending["count"] += 1
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        self._update_factors(group["factor_decay"])
+        preconditioned = [self._precondition(m, group["damping"]) for m in self.layers]
+        self._clip_and_write(preconditioned, group)
+        self.base.step()
+        for module in self.layers:
+            state = self.state[module.weight]
+            state["steps"] = state.get("steps", 0) + 1
+        return loss
+
+    def _update_factors(self, decay: float) -> None:
+        for module, pending in self._pending.items():
+            k = pending["count"]
+            batch = {"A": pending["A"] / k, "G": pending["S"] * k}
+            state = self.state[module.weight]
+            for key, value in batch.items():
+                state[key] = value if key not in state else torch.lerp(value, state[key], decay)
+        self._pending.clear()
+        for module in self.layers:
+            state = self.state[module.weight]
+            if "A" in state and ("QA" not in state or state.get("steps", 0) % self.inverse_every == 0):
+                self._refresh_inverse(state)
+
+    @staticmethod
+    def _refresh_inverse(state: dict[str, Any]) -> None:
+        for key in ("A", "G"):
+            eigenvalues, eigenvectors = torch.linalg.eigh(state[key])
+            state[f"d{key}"], state[f"Q{key}"] = eigenvalues.clamp(min=0), eigenvectors
+
+    def _precondition(self, module: nn.Module, damping: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        state = self.state[module.weight]
+        if module.weight.grad is None or "QA" not in state:
+            return None
+        grad = _grad_matrix(module).to(state["QA"].dtype)
+        rotated = state["QG"].T @ grad @ state["QA"]
+        rotated /= state["dG"].unsqueeze(1) * state["dA"].unsqueeze(0) + damping
+        return grad, state["QG"] @ rotated @ state["QA"].T
+
+    def _clip_and_write(self, preconditioned: list, group: dict) -> None:
+        done = [(m, pair) for m, pair in zip(self.layers, preconditioned, strict=True) if pair is not None]
+        if not done:
+            return
+        scale = 1.0
+        if group["kl_clip"] is not None:
+            vg = torch.stack([(new * grad).sum() for _, (grad, new) in done]).sum() * group["lr"] ** 2
+            scale = torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp(min=1e-30)), max=1.0)
+        for module, (_, new) in done:
+            new = new * scale
+            out = module.weight.shape[0]
+            weight_cols = module.weight[0].numel()
+            module.weight.grad.copy_(new[:, :weight_cols].reshape(module.weight.shape))
+            if module.bias is not None:
+                module.bias.grad.copy_(new[:, weight_cols].reshape(out))
+
+    def remove_hooks(self) -> None:
+        """Detach K-FAC's hooks from the model (e.g. before reusing the model elsewhere)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def _check(name: str, value: Any, valid: bool, allowed: str) -> None:
+    if not valid:
+        raise OptimizerError(f"optimizer.options.{name}: got {value!r}; allowed: {allowed}")
+
+
+@register_optimizer("kfac", "K-FAC: Kronecker-factored Fisher preconditioning (Linear, Conv) in front of any base (Martens & Grosse 2015)")
+def build_kfac(
+    model: nn.Module,
+    lr: float,
+    base: str = "sgd",
+    base_options: dict[str, Any] | None = None,
+    damping: float = 1e-3,
+    factor_decay: float = 0.95,
+    factor_every: int = 1,
+    inverse_every: int = 10,
+    kl_clip: float | None = 1e-3,
+) -> KFAC:
+    """:class:`KFAC` over the registered optimiser ``base`` (SGD by default)."""
+    return KFAC(model, build_base(model, lr, base, base_options), damping=damping, factor_decay=factor_decay,
+                factor_every=factor_every, inverse_every=inverse_every, kl_clip=kl_clip)
