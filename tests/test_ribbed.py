@@ -269,3 +269,22 @@ def test_routing_recovers_well_separated_groups():
     pairs = {(int(a), int(t)) for a, t in zip(assignment, truth, strict=True)}
     assert len(pairs) == 4 and len({a for a, _ in pairs}) == 4
     assert routing.changes == 0
+
+
+@pytest.mark.parametrize("base", ["lion", "kfac"])
+def test_ribbed_over_other_registry_optimizers(base):
+    """RIBBED wraps Lion and K-FAC (which hooks the model's layers): off it is exactly its base,
+    on it trains."""
+    from ribbed.optim import build_optimizer
+
+    batches = _batches(15)
+    ours, theirs = _mlp(), _mlp()
+    _train(ours, RIBBED(ours, lr=1e-3, base=base, **ALL_OFF), batches)
+    _train(theirs, build_optimizer(base, theirs, lr=1e-3), batches)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
+    model = _mlp()
+    optimizer = RIBBED(model, lr=1e-3, base=base, feature_every=1)
+    x, y = batches[0]
+    before = nn.functional.cross_entropy(model(x), y).item()
+    _train(model, optimizer, [(x, y)] * 30)
+    assert nn.functional.cross_entropy(model(x), y).item() < before

@@ -58,16 +58,19 @@ def _positive(name: str, value: float, integer: bool = False) -> None:
         raise ValueError(f"{name}: got {value!r}; allowed: {allowed}")
 
 
-def _build_base(base: BaseSpec, params: list, lr: float, options: dict) -> torch.optim.Optimizer:
+def _build_base(base: BaseSpec, model: nn.Module, params: list | None, lr: float,
+                options: dict) -> torch.optim.Optimizer:
+    """The base optimiser: by registry name on the model (so curvature methods such as K-FAC
+    can hook its layers), or on explicit ``params``; or a class / callable on the parameters."""
     if isinstance(base, torch.optim.Optimizer):
         raise ValueError("base: give an optimiser name or class, not an instance (RIBBED builds it "
                          "on the same parameters)")
     if isinstance(base, str):
         from ribbed.optim import build_optimizer
 
-        holder = types.SimpleNamespace(parameters=lambda: params)
-        return build_optimizer(base, holder, lr=lr, **options)
-    return base(params, lr=lr, **options)
+        owner = model if params is None else types.SimpleNamespace(parameters=lambda: params)
+        return build_optimizer(base, owner, lr=lr, **options)
+    return base(list(model.parameters()) if params is None else params, lr=lr, **options)
 
 
 class RIBBED(torch.optim.Optimizer):
@@ -145,8 +148,9 @@ class RIBBED(torch.optim.Optimizer):
         _positive("controller_lr", controller_lr)
         if not isinstance(max_multiplier, (int, float)) or max_multiplier <= 1:
             raise ValueError(f"max_multiplier: got {max_multiplier!r}; allowed: a number > 1")
-        param_list = list(model.parameters() if params is None else params)
-        self.base = _build_base(base, param_list, lr, dict(base_options or {}))
+        given = None if params is None else list(params)
+        self.base = _build_base(base, model, given, lr, dict(base_options or {}))
+        param_list = [p for group in self.base.param_groups for p in group["params"]]
         super().__init__(self.base.param_groups, self.base.defaults)
         self.param_groups = self.base.param_groups
         self.model = model
