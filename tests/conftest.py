@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from ribbed.config import RunConfig
 
@@ -19,6 +20,16 @@ def _session_cache(tmp_path_factory):
         os.environ.pop("RIBBED_CACHE_DIR", None)
     else:
         os.environ["RIBBED_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation, which on a shared two-core
+    machine costs more than the work itself. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 TINY = {

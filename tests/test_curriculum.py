@@ -22,14 +22,7 @@ from ribbed.train import build_run, build_sampler, train
 PACING_NAMES = ["linear", "quadratic", "root", "geometric", "exponential", "logarithmic", "step"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which on a shared
-    two-core machine costs more than the work itself."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,11 @@ import runpy
 from pathlib import Path
 
 import pytest
-import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small settings: intra-op threads only add synchronisation on a shared two-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(name: str, out: Path, monkeypatch) -> dict:

@@ -98,13 +98,7 @@ def _every_extension_registered():
     load_extensions()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread avoids OpenMP hand-offs that dominate their cost."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
