@@ -59,7 +59,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         builders = {
             "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
-            "ribbed (features every step)": lambda m: RIBBED(m, lr=1e-3, **ALL_ON),
+            "ribbed (features every step)": lambda m: RIBBED(m, lr=1e-3, feature_every=1, **ALL_ON),
             "ribbed (features every 10)": lambda m: RIBBED(m, lr=1e-3, feature_every=10, **ALL_ON),
         }
         optimizers = {label: build(model) for label, build in builders.items()}
