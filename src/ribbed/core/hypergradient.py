@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ribbed.core.layers import NEURON_MODULES
+from ribbed.optim.functional import closure_loss
 
 __all__ = ["AdamHD"]
 
@@ -66,10 +67,7 @@ class AdamHD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -43,6 +43,7 @@ from ribbed.core.controllers import PREDICTED, ControllerBank
 from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
 from ribbed.core.layers import NeuronLayer, find_neuron_layers
 from ribbed.core.routing import OnlineKMeans
+from ribbed.optim.functional import closure_loss
 
 __all__ = ["RIBBED"]
 
@@ -191,10 +192,7 @@ class RIBBED(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One step: features -> routing -> controllers -> coupling -> chiral -> base update."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if self.controllers_on and self._step_count % self.feature_every == 0 and self._has_grads():
             self._update_controllers()
         if self.chiral is not None:

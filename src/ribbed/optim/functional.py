@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from ribbed.optim.batches import Batch
 
-__all__ = ["FlatParameters", "join_batches"]
+__all__ = ["FlatParameters", "closure_loss", "join_batches"]
 
 
 def join_batches(batches: list[Batch]) -> Batch:
@@ -80,3 +80,12 @@ class FlatParameters:
     def output_fn(self, x: torch.Tensor) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         """``params -> model(x)`` with the other parameters and buffers as they are."""
         return lambda params: functional_call(self.model, params, (x,))
+
+
+def closure_loss(closure):
+    """``torch.optim``'s closure contract: re-evaluate the loss with gradients enabled (steps run
+    under ``no_grad``); ``None`` when no closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import grad, jvp, vjp
 
 from ribbed.optim.batches import expect_batches, forget_batches, recorded_batches
-from ribbed.optim.functional import FlatParameters, join_batches
+from ribbed.optim.functional import FlatParameters, closure_loss, join_batches
 from ribbed.optim.registry import OptimizerError, register_optimizer
 
 __all__ = ["CGResult", "HessianFree", "conjugate_gradient", "gauss_newton_product"]
@@ -191,10 +191,7 @@ class HessianFree(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         group = self.param_groups[0]
         batch = join_batches(recorded_batches(self.model, "optimizer 'hessian_free'"))
         g = self.flat.flat_grad()

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ribbed.optim.functional import closure_loss
 from ribbed.optim.registry import OptimizerError, register_optimizer
 from ribbed.optim.wrapper import WrappedOptimizer, build_base
 
@@ -174,10 +175,7 @@ class KFAC(WrappedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         group = self.param_groups[0]
         self._update_factors(group["factor_decay"])
         preconditioned = [self._precondition(m, group["damping"]) for m in self.layers]

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import grad, hessian, jacrev, vmap
 
 from ribbed.optim.batches import expect_batches, forget_batches, recorded_batches
-from ribbed.optim.functional import FlatParameters, join_batches
+from ribbed.optim.functional import FlatParameters, closure_loss, join_batches
 from ribbed.optim.registry import OptimizerError, register_optimizer
 from ribbed.optim.wrapper import WrappedOptimizer, build_base
 
@@ -163,10 +163,7 @@ class NaturalGradient(WrappedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         batch = join_batches(recorded_batches(self.model, "optimizer 'natural_gradient'"))
         rows, m = fisher_rows(self.flat, batch.x, batch.y, batch.loss_fn, fisher=self.fisher,
                               likelihood=self.likelihood, samples=self.samples)

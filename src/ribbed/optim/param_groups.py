@@ -45,6 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ribbed.optim.functional import closure_loss
 from ribbed.optim.registry import OptimizerError, register_optimizer
 from ribbed.optim.wrapper import WrappedOptimizer, build_base
 
@@ -201,10 +202,7 @@ class TrustRatio(WrappedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         for group, params in active:
             if params and group["trust_mode"] == "gradient":
