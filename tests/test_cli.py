@@ -81,11 +81,11 @@ def test_comparison_with_tuning_seeds_and_a_diverging_method(tmp_path):
                       "search": {"lr": {"low": 1e-3, "high": 3e-2, "log": True}}},
             "exploding": {"optimizer": {"name": "sgd", "lr": 1e6}},
         },
-        "tuning": {"trials": 2, "steps": 10},
+        "tuning": {"trials": 2, "steps": 10, "always": True},
     }
     config = _write_config(tmp_path / "cmp.yaml", comparison)
     runs_dir = tmp_path / "runs"
-    result = _invoke("run", str(config), "--tune", "--runs-dir", str(runs_dir))
+    result = _invoke("run", str(config), "--runs-dir", str(runs_dir))  # tuning.always: no --tune
     assert result.exit_code == 0, result.output
     (parent,) = list_runs(runs_dir, kind="comparison")
     children = list_runs(runs_dir, parent=parent["id"])

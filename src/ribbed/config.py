@@ -216,7 +216,11 @@ class MethodConfig(_Strict):
 
 
 class TuningConfig(_Strict):
-    """The equal tuning budget every method gets, on the validation split."""
+    """The equal tuning budget every method gets, on the validation split.
+
+    ``always`` tunes every time the comparison runs (as ``--tune`` does): for presets over
+    several datasets, where one fixed learning rate per method could not be a tuned one.
+    """
 
     trials: PositiveInt = 8
     steps: PositiveInt | None = None
@@ -225,6 +229,7 @@ class TuningConfig(_Strict):
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     source: str | None = None
+    always: bool = False
 
 
 class DatasetEntry(_Strict):

@@ -200,7 +200,8 @@ def run_comparison(
     tune: bool = False,
     progress: Progress | None = None,
 ) -> Outcome:
-    """Tune (optional), train every method x dataset x seed, aggregate, report."""
+    """Tune (``tune`` or ``tuning.always``), train every method x dataset x seed, aggregate, report."""
+    tune = tune or comparison.tuning.always
     names = list(comparison.methods)
     datasets = {entry.label: (entry, _load(entry)) for entry in comparison.dataset_entries}
     for entry, dataset in datasets.values():  # reject bad settings before writing anything
