@@ -4,13 +4,19 @@
 ``"ribbed"``, so a config names it like any other optimiser (``optimizer: {name: ribbed,
 options: {base: adamw, chiral_gamma: 0.01}}``). ``AdamHD`` (``"adam-hd"``), AdamW with one
 hypergradient-adapted learning rate per neuron, is its cheapest credible baseline.
+
+Training plug-ins: ``information-density`` (per-neuron entropy, mutual information with the
+label, Hoyer sparsity, per-layer effective rank in the metrics rows) and ``ribbed-structure``
+(dense-to-sparse pruning and rewiring guided by density and gradient).
 """
 
+from ribbed.core.density import InformationDensity
 from ribbed.core.hypergradient import AdamHD
 from ribbed.core.optimizer import RIBBED
+from ribbed.core.structure import StructureAdaptation
 from ribbed.optim import register_optimizer
 
-__all__ = ["RIBBED", "AdamHD"]
+__all__ = ["RIBBED", "AdamHD", "InformationDensity", "StructureAdaptation"]
 
 
 @register_optimizer("ribbed", "RIBBED / Meta-BP: per-neuron controllers over a base optimiser (AdamW)",

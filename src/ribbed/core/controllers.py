@@ -38,11 +38,20 @@ from torch import nn
 
 from ribbed.core.features import FEATURE_NAMES
 
-__all__ = ["ControllerBank", "ControllerOutputs", "PREDICTED", "STABILITY"]
+__all__ = ["ControllerBank", "ControllerOutputs", "PREDICTED", "STABILITY", "gathered_mlp"]
 
 STABILITY = ("momentum_agreement", "hypergradient", "surprise")
 PREDICTED = ("log_grad_norm", "act_mean")
 _STABILITY_INDEX = [FEATURE_NAMES.index(name) for name in STABILITY]
+
+
+def gathered_mlp(inputs: torch.Tensor, assignment: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                 w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Row ``i`` of ``inputs [N, F]`` through MLP ``assignment[i]`` of a stacked bank
+    (``w1 [K, F, H]``, ``b1 [K, H]``, ``w2 [K, H, O]``, ``b2 [K, O]``): ``[N, O]``, one gather and
+    two batched matmuls, no loop over rows or MLPs."""
+    hidden = torch.tanh(torch.bmm(inputs.unsqueeze(1), w1[assignment]).squeeze(1) + b1[assignment])
+    return torch.bmm(hidden.unsqueeze(1), w2[assignment]).squeeze(1) + b2[assignment]
 
 
 @dataclass
@@ -84,13 +93,26 @@ class ControllerBank(nn.Module):
         self.gate = nn.Linear(len(STABILITY), 1)
         nn.init.zeros_(self.gate.weight), nn.init.zeros_(self.gate.bias)
 
-    def raw(self, features: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
-        """Raw outputs ``[N, O]`` of each neuron's controller on its features ``[N, F]``."""
-        hidden = torch.tanh(torch.bmm(features.unsqueeze(1), self.w1[assignment]).squeeze(1) + self.b1[assignment])
-        return torch.bmm(hidden.unsqueeze(1), self.w2[assignment]).squeeze(1) + self.b2[assignment]
+    def raw(self, features: torch.Tensor, assignment: torch.Tensor,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw outputs ``[N, O]`` of each neuron's controller on its features ``[N, F]``.
 
-    def forward(self, features: torch.Tensor, assignment: torch.Tensor) -> ControllerOutputs:
-        out = self.raw(features, assignment)
+        With ``assignment [N, k]`` and ``weights [N, k]`` (top-k attention routing,
+        ``ribbed.core.coupling``) each of a neuron's ``k`` controllers is evaluated by the same
+        gather + bmm and their raw outputs are mixed by the weights before decoding: one decoding
+        path serves both cases, the decoded multiplier and lambda keep their ranges, and each
+        controller's gradient is scaled by its attention weight.
+        """
+        if assignment.dim() == 2:
+            n, k = assignment.shape
+            each = gathered_mlp(features.repeat_interleave(k, 0), assignment.flatten(),
+                                self.w1, self.b1, self.w2, self.b2)
+            return (each.view(n, k, -1) * weights.unsqueeze(2)).sum(1)
+        return gathered_mlp(features, assignment, self.w1, self.b1, self.w2, self.b2)
+
+    def forward(self, features: torch.Tensor, assignment: torch.Tensor,
+                weights: torch.Tensor | None = None) -> ControllerOutputs:
+        out = self.raw(features, assignment, weights)
         explore = torch.exp(torch.tanh(out[:, 0]) * self.log_max)
         if self.contextual_heads:
             exploit = torch.exp(torch.tanh(out[:, 1]) * (0.5 * self.log_max))

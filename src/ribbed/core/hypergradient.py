@@ -17,8 +17,9 @@ schedule, the schedule scales every neuron's rate.
 RIBBED's controllers learn from the same per-neuron signal; this baseline uses it directly,
 with no controller, grouping, coupling or features, so a comparison shows what the rest of
 RIBBED adds. It is written here because no maintained PyTorch implementation of per-neuron
-Adam-HD exists (the paper's code adapts one global rate). The moment updates use
-``torch._foreach_*``; only the per-neuron dot products and rate updates are per layer.
+Adam-HD exists (the paper's code adapts one global rate). The AdamW step with per-neuron rates
+is :func:`ribbed.core.scaled_adamw.scaled_adamw_` (``torch._foreach_*`` ops, shared with RIBBED's
+direct update); only the per-neuron dot products and rate updates are per layer.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from ribbed.core.layers import NEURON_MODULES
+from ribbed.core.scaled_adamw import scaled_adamw_
 from ribbed.optim.functional import closure_loss
 
 __all__ = ["AdamHD"]
@@ -72,7 +74,6 @@ class AdamHD(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
             for p in params:
                 state = self.state[p]
                 if not state:
@@ -91,23 +92,14 @@ class AdamHD(torch.optim.Optimizer):
                 n = state["scale"].shape[0]
                 hyper = torch.linalg.vecdot(p.grad.reshape(n, -1), state["direction"].reshape(n, -1))
                 state["scale"].add_(hyper, alpha=group["hypergrad_lr"] / lr)
-            exp_avg = [s["exp_avg"] for s in states]
-            exp_avg_sq = [s["exp_avg_sq"] for s in states]
-            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sq, beta2)
-            torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
-            step = states[0]["step"]
-            bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-            denom = torch._foreach_sqrt(exp_avg_sq)
-            torch._foreach_div_(denom, bias2 ** 0.5)
-            torch._foreach_add_(denom, group["eps"])
-            directions = torch._foreach_div(exp_avg, denom)
-            torch._foreach_div_(directions, bias1)
-            if group["weight_decay"]:
-                torch._foreach_add_(directions, params, alpha=group["weight_decay"])
             scales = [s["scale"].view(-1, *([1] * (p.dim() - 1))) if p.dim() else s["scale"].view(())
                       for p, s in zip(params, states, strict=True)]
-            torch._foreach_addcmul_(params, scales, directions, value=-lr)
+            beta1, beta2 = group["betas"]
+            directions = scaled_adamw_(
+                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], scales,
+                steps=[s["step"] for s in states], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], directions=True,
+            )
             for state, direction in zip(states, directions, strict=True):
                 state["direction"] = direction
         return loss

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["NeuronLayer", "find_neuron_layers", "row_dot", "row_sq_norm", "ActivationStats"]
+__all__ = [
+    "ActivationStats", "NeuronLayer", "bin_indices", "binned_entropy", "entropy_of_counts",
+    "find_neuron_layers", "offset_counts", "row_dot", "row_sq_norm",
+]
 
 NEURON_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -85,19 +88,35 @@ class ActivationStats:
         self.seen = state["seen"]
 
 
-def binned_entropy(samples: torch.Tensor, bins: int) -> torch.Tensor:
-    """Entropy (nats) of each column of ``samples [S, n]`` binned into ``bins`` equal bins
-    between the column's min and max; all neurons at once with one ``scatter_add``."""
+def bin_indices(samples: torch.Tensor, bins: int) -> torch.Tensor:
+    """Bin of every entry of ``samples [S, n]``: ``bins`` equal bins between each column's min
+    and max, as ``[S, n]`` integers in ``[0, bins)`` (a constant column falls in bin 0)."""
     low = samples.min(0).values
     span = (samples.max(0).values - low).clamp_min(1e-12)
-    index = ((samples - low) / span * bins).long().clamp_(0, bins - 1)
-    n = samples.shape[1]
-    flat = index + torch.arange(n, device=samples.device) * bins
-    counts = torch.zeros(n * bins, device=samples.device).scatter_add_(
-        0, flat.reshape(-1), torch.ones(flat.numel(), device=samples.device)
-    ).view(n, bins)
-    p = counts / samples.shape[0]
-    return -(p * torch.log(p.clamp_min(1e-30))).sum(1)
+    return ((samples - low) / span * bins).long().clamp_(0, bins - 1)
+
+
+def offset_counts(index: torch.Tensor, cells: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-column histograms ``[n, cells]`` of integer cells ``index [S, n]`` (values in
+    ``[0, cells)``): column ``j``'s cells are shifted by ``j * cells`` so one ``bincount``
+    counts every column at once (integer counts: exact, and an order of magnitude faster on
+    CPU than a floating-point ``scatter_add``)."""
+    n = index.shape[1]
+    flat = index + torch.arange(n, device=index.device) * cells
+    return torch.bincount(flat.reshape(-1), minlength=n * cells).view(n, cells).to(dtype)
+
+
+def entropy_of_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Plug-in entropy (nats) of each row of histogram ``counts [..., cells]``."""
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+
+def binned_entropy(samples: torch.Tensor, bins: int) -> torch.Tensor:
+    """Entropy (nats) of each column of ``samples [S, n]`` binned into ``bins`` equal bins
+    between the column's min and max; all neurons at once with one ``bincount``."""
+    dtype = torch.promote_types(samples.dtype, torch.float32)
+    return entropy_of_counts(offset_counts(bin_indices(samples, bins), bins, dtype))
 
 
 @dataclass

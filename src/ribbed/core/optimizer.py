@@ -9,20 +9,42 @@ Each step runs a fixed chain of small pieces, each switchable off:
 
 1. **features** (``ribbed.core.features``): per-neuron learning-state vectors, refreshed every
    ``feature_every`` steps, from gradients, the last update, the base optimiser's momentum
-   and forward-hook activation statistics;
+   and forward-hook activation statistics; every ``density_every`` steps also the
+   **information density** (``ribbed.core.density``): per-neuron entropy, mutual information
+   with the labels given to :meth:`RIBBED.observe_labels`, Hoyer sparsity, per-layer effective
+   rank; logged in :meth:`RIBBED.telemetry`, and a controller reward if ``density_reward > 0``;
 2. **routing** (``ribbed.core.routing``): neurons grouped by trajectory features (online
-   k-means), one controller per group, refreshed every ``routing_every`` steps;
+   k-means), one controller per group, refreshed every ``routing_every`` steps; the coupling
+   strategy (``routing``: ``dense``, ``tree``, ``lsh``, ``sampled``, ``topk-attention``,
+   ``ribbed.core.coupling``) decides how neurons find their controllers; with hierarchical
+   grouping (``ribbed.core.hierarchy``) each refresh then merges and splits clusters and
+   re-clusters their centroids into ``hierarchy_depth - 1`` higher levels, logged in
+   :meth:`RIBBED.topology_log`;
 3. **controllers** (``ribbed.core.controllers``): a bank of tiny MLPs gives each neuron a step
    multiplier (explore/exploit heads mixed by a stability gate) and a coupling strength,
    trained online from each neuron's one-step hypergradient, plus self-supervised predictions
-   of its next statistics whose error ("surprise") feeds back as a feature;
+   of its next statistics whose error ("surprise") feeds back as a feature; higher-level
+   controllers multiply the multipliers of whole clusters;
 4. **coupling**: the applied update is ``(1 - lambda) d_base + lambda s d_base`` per neuron;
 5. **chiral term** (``ribbed.core.chiral``): ``G <- G + gamma J G`` on the gradients;
 6. **base update**: the wrapped optimiser's own ``step()``.
 
+Optional research pieces join the chain (all off by default): **guided ES**
+(``ribbed.core.evolution``, every ``es_every`` steps) blends a zeroth-order estimate of each
+layer's gradient into ``.grad`` after the controllers and before the chiral term;
+**selection** (``evolve_every``) scores mutants of the controller bank on the loss after the
+trial step each gives, after the base update and before the coupling is applied;
+``controller_training="unrolled"`` (``ribbed.core.unrolled``) trains the controllers from the
+meta-gradient of the loss ``unroll_steps`` base steps ahead instead of the one-step
+hypergradient. These evaluate the loss: call ``step(closure)`` or record the step's batch
+(the ``keep-batch`` gradient method).
+
 The modulation is applied without knowing the base optimiser's update rule: the parameters
 before the step are kept (one buffer per neuron-layer parameter), the base steps, and
-``torch._foreach_lerp_`` pulls each neuron back to ``before + m * (after - before)``. With every
+``torch._foreach_lerp_`` pulls each neuron back to ``before + m * (after - before)``. Over a plain
+``torch.optim.AdamW`` that is AdamW with per-neuron learning rates ``m * lr``, which
+``ribbed.core.scaled_adamw`` computes directly: no copy and no lerp, the weights are kept only
+on the step before a feature refresh (whose features need the last update). With every
 component off, ``step()`` is exactly the base optimiser's ``step()`` (bit for bit).
 
 The learning rate and every other hyperparameter live in the base optimiser's
@@ -39,10 +61,23 @@ import torch
 from torch import nn
 
 from ribbed.core.chiral import ChiralTerm
-from ribbed.core.controllers import PREDICTED, ControllerBank
+from ribbed.core.controllers import PREDICTED, ControllerBank, ControllerOutputs
+from ribbed.core.coupling import build_router
+from ribbed.core.density import InformationDensity
+from ribbed.core.evolution import (
+    GuidedES,
+    LossProbe,
+    check_evolution_options,
+    evolve_bank,
+    step_loss,
+)
 from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
+from ribbed.core.hierarchy import ClusterHierarchy, check_hierarchy_settings
 from ribbed.core.layers import NeuronLayer, find_neuron_layers
 from ribbed.core.routing import OnlineKMeans
+from ribbed.core.scaled_adamw import scaled_adamw_step, supports_scaled_step
+from ribbed.core.unrolled import UnrolledTrainer, check_unrolled_options
+from ribbed.optim.batches import expect_batches, forget_batches
 from ribbed.optim.functional import closure_loss
 
 __all__ = ["RIBBED"]
@@ -103,6 +138,40 @@ class RIBBED(torch.optim.Optimizer):
             multipliers stay fixed in between; refreshing is most of RIBBED's cost).
         routing_every: re-cluster neurons every this many steps (at the next refresh).
         graph_every: rebuild the chiral graphs every this many steps.
+        density_every: measure information density every this many steps (0: off); the
+            outputs of that step's forward pass are binned into ``entropy_bins`` bins.
+        density_reward: weight of the density reward in the controller loss (0: off;
+            ``ribbed.core.density.InformationDensity.reward_loss``: larger step multipliers
+            for neurons with more mutual information with the label). Needs ``controllers``
+            and ``density_every``.
+        routing: coupling strategy routing neurons to controllers (``ribbed.core.coupling``):
+            ``dense`` (exact nearest centroid, the default), ``tree``, ``lsh``, ``sampled``
+            (unsampled neurons keep controller and multiplier at a re-clustering) or
+            ``topk-attention`` (each neuron mixes its k nearest controllers).
+        routing_options: options of the strategy (``{"k": 2}``, ``{"fraction": 0.1}``...).
+        hierarchy_depth: levels of recursive grouping (``ribbed.core.hierarchy``); 1 is flat
+            routing exactly; level ``L + 1`` clusters level ``L``'s centroids and its controllers
+            multiply the step multipliers of the clusters below by a factor in
+            ``[1/hierarchy_bound, hierarchy_bound]``.
+        hierarchy_branching: level ``L + 1`` has ``ceil(K_L / hierarchy_branching)`` clusters.
+        hierarchy_bound: bound of each higher-level factor (a number > 1).
+        merge_distance: merge two level-1 clusters whose centroids are closer than this, in
+            standardised feature units (0: never).
+        split_spread: split a level-1 cluster whose RMS spread exceeds this along its principal
+            direction (None: never).
+        max_controllers: level-1 controller slots that splits may fill (default ``n_controllers``).
+        es_every: guided ES every this many steps (0: off; ``ribbed.core.evolution``).
+        es_population: antithetic pairs per ES estimate (``2 * es_population`` loss evaluations).
+        es_sigma: ES perturbation scale per layer (``E|eps|^2 = es_sigma^2``).
+        es_alpha: isotropic share of the ES covariance (1: plain ES; 0: only the gradient subspace).
+        es_subspace: recent gradients per layer spanning the guiding subspace.
+        es_weight: share of the (norm-matched) ES direction blended into each layer's gradient.
+        evolve_every: selection over the controller bank every this many steps (0: off).
+        evolve_population: candidates per selection (the incumbent and its mutants).
+        evolve_sigma: standard deviation of the mutations of the bank's parameters.
+        controller_training: ``hypergradient`` (online, one step) or ``unrolled`` (meta-gradient
+            through ``unroll_steps`` functional base steps; SGD, Adam or AdamW bases).
+        unroll_steps: ``T`` of the unrolled mode.
         seed: seed of RIBBED's own randomness (controller init, clustering, graphs).
 
     Example:
@@ -137,6 +206,27 @@ class RIBBED(torch.optim.Optimizer):
         feature_every: int = 10,
         routing_every: int = 50,
         graph_every: int = 100,
+        density_every: int = 0,
+        density_reward: float = 0.0,
+        routing: str = "dense",
+        routing_options: dict[str, Any] | None = None,
+        hierarchy_depth: int = 1,
+        hierarchy_branching: int = 4,
+        hierarchy_bound: float = 2.0,
+        merge_distance: float = 0.0,
+        split_spread: float | None = None,
+        max_controllers: int | None = None,
+        es_every: int = 0,
+        es_population: int = 4,
+        es_sigma: float = 1e-2,
+        es_alpha: float = 0.5,
+        es_subspace: int = 4,
+        es_weight: float = 0.5,
+        evolve_every: int = 0,
+        evolve_population: int = 6,
+        evolve_sigma: float = 0.05,
+        controller_training: str = "hypergradient",
+        unroll_steps: int = 3,
         seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
@@ -147,8 +237,30 @@ class RIBBED(torch.optim.Optimizer):
             _positive(name, value, integer=True)
         _positive("lr", lr)
         _positive("controller_lr", controller_lr)
+        check_evolution_options(es_every=es_every, es_population=es_population, es_sigma=es_sigma,
+                                es_alpha=es_alpha, es_subspace=es_subspace, es_weight=es_weight,
+                                evolve_every=evolve_every, evolve_population=evolve_population,
+                                evolve_sigma=evolve_sigma, controllers=controllers)
+        check_unrolled_options(controller_training, unroll_steps, controllers)
+        if not isinstance(density_every, int) or isinstance(density_every, bool) or density_every < 0:
+            raise ValueError(f"density_every: got {density_every!r}; allowed: an integer >= 0 (0: off)")
+        if not isinstance(density_reward, (int, float)) or isinstance(density_reward, bool) or density_reward < 0:
+            raise ValueError(f"density_reward: got {density_reward!r}; allowed: a number >= 0 (0: off)")
+        if density_reward and not (controllers and density_every):
+            raise ValueError(f"density_reward: got {density_reward!r} with controllers={controllers!r} and "
+                             f"density_every={density_every!r}; allowed: 0 unless both are on")
         if not isinstance(max_multiplier, (int, float)) or max_multiplier <= 1:
             raise ValueError(f"max_multiplier: got {max_multiplier!r}; allowed: a number > 1")
+        router = build_router(routing, routing_options)
+        router.check(n_controllers)
+        check_hierarchy_settings(depth=hierarchy_depth, branching=hierarchy_branching, bound=hierarchy_bound,
+                                 merge_distance=merge_distance, split_spread=split_spread,
+                                 max_controllers=max_controllers, n_controllers=n_controllers)
+        grouping = controllers and (hierarchy_depth > 1 or merge_distance > 0 or split_spread is not None)
+        if grouping and routing == "topk-attention":
+            raise ValueError("routing: got 'topk-attention' with hierarchical grouping (hierarchy_depth > 1, "
+                             "merge_distance or split_spread); allowed: a strategy giving one controller per "
+                             "neuron (dense, tree, lsh, sampled)")
         given = None if params is None else list(params)
         self.base = _build_base(base, model, given, lr, dict(base_options or {}))
         param_list = [p for group in self.base.param_groups for p in group["params"]]
@@ -164,28 +276,51 @@ class RIBBED(torch.optim.Optimizer):
         hooks = controllers and activation_features
         self.layers: list[NeuronLayer] = (
             find_neuron_layers(model, optimised, bins=entropy_bins, hooks=hooks)
-            if controllers or self.chiral else []
+            if controllers or self.chiral or density_every or es_every else []
         )
         self.n_neurons = sum(layer.n for layer in self.layers)
         self._step_count = 0
         self._telemetry: dict[str, float] = {}
+        self.density_every, self.density_reward = density_every, density_reward
+        self.density = InformationDensity(self.layers, bins=entropy_bins) if density_every else None
+        if self.density is not None:
+            self.density.arm(True)
+        self.hierarchy: ClusterHierarchy | None = None
         if controllers:
             self.bank = ControllerBank(
-                n_controllers, hidden=controller_hidden, max_multiplier=max_multiplier,
+                max_controllers or n_controllers, hidden=controller_hidden, max_multiplier=max_multiplier,
                 contextual_heads=contextual_heads, coupling=coupling,
                 self_supervision=self_supervision, generator=self.generator,
             ).to(param_list[0].device if param_list else "cpu")
-            self.controller_optimizer = torch.optim.Adam(self.bank.parameters(), lr=controller_lr)
-            self.routing = OnlineKMeans(n_controllers)
+            if grouping:
+                self.hierarchy = ClusterHierarchy(
+                    len(FEATURE_NAMES), max_controllers or n_controllers, depth=hierarchy_depth,
+                    branching=hierarchy_branching, hidden=controller_hidden, bound=hierarchy_bound,
+                    merge_distance=merge_distance, split_spread=split_spread, seed=seed,
+                ).to(param_list[0].device if param_list else "cpu")
+            trained = [*self.bank.parameters(), *(self.hierarchy.parameters() if grouping else ())]
+            self.controller_optimizer = torch.optim.Adam(trained, lr=controller_lr)
+            self.routing = OnlineKMeans(n_controllers, router=router)
             self.normalizer = FeatureNormalizer()
             self.neuron_params = [p for layer in self.layers for p in layer.params]
             self.prev = [p.detach().clone() for p in self.neuron_params]
             self.surprise = torch.zeros(self.n_neurons)
             self.multiplier = torch.ones(self.n_neurons)
             self._lerp_weights: list[torch.Tensor] | None = None
-            self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._scales: tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]] | None = None
+            self._pending: tuple[torch.Tensor, ...] | None = None
             self._routed_at = 0
             self._set_recording(True)
+        self.es_every, self.evolve_every = es_every, evolve_every
+        self.evolve_population, self.evolve_sigma = evolve_population, evolve_sigma
+        self.es = GuidedES(self.layers, population=es_population, sigma=es_sigma, alpha=es_alpha,
+                           subspace=es_subspace, weight=es_weight) if es_every else None
+        self.unrolled = (UnrolledTrainer(model, self.base, self.layers, unroll_steps, self._recorders())
+                         if controller_training == "unrolled" else None)
+        self._selection_telemetry: dict[str, float] = {}
+        self.needs_batch = bool(es_every or evolve_every or self.unrolled)  # the loop then requires keep-batch
+        if self.needs_batch:
+            expect_batches(model)
 
     # ------------------------------------------------------------------ the step
 
@@ -193,17 +328,29 @@ class RIBBED(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None):
         """One step: features -> routing -> controllers -> coupling -> chiral -> base update."""
         loss = closure_loss(closure)
+        if self.density is not None:
+            self.density.measure()
+            self.density.arm((self._step_count + 1) % self.density_every == 0)
         if self.controllers_on and self._step_count % self.feature_every == 0 and self._has_grads():
             self._update_controllers()
+        if self.es is not None and self._step_count % self.es_every == 0 and self.es.ready():
+            with self._probe(closure, self.es.params) as probe:
+                self.es.blend(probe, self.generator)
         if self.chiral is not None:
             if self._step_count % self.graph_every == 0 or not self.chiral.structure:
                 assignment = self.routing.assignment if self.controllers_on else None
                 self.chiral.refresh(self.layers, self.generator, assignment)
             self.chiral.apply(self.layers)
-        if self.controllers_on:
+        direct = self.controllers_on and self._direct_update()
+        if self.controllers_on and (not direct or (self._step_count + 1) % self.feature_every == 0):
             torch._foreach_copy_(self.prev, self.neuron_params)
-        self.base.step()
-        if self.controllers_on and self._lerp_weights is not None:
+        if direct:
+            scaled_adamw_step(self.base, self._neuron_scales())
+        else:
+            self.base.step()
+        if self.controllers_on and self._lerp_weights is not None and not direct:
+            if self.evolve_every and self._step_count % self.evolve_every == 0:
+                self._evolve_controllers(closure)
             torch._foreach_lerp_(self.neuron_params, self.prev, self._lerp_weights)
         self._step_count += 1
         if self.controllers_on:
@@ -229,13 +376,21 @@ class RIBBED(torch.optim.Optimizer):
     def _update_controllers(self) -> None:
         prev = dict(zip(self.neuron_params, self.prev, strict=True))
         raw, hyper = neuron_features(self.layers, prev, self._momentum(), self.surprise)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Data parallel: gradients are already all-reduced, activation statistics are per
+            # local batch; averaging them gives every rank the same features, so the
+            # controllers, routing and multipliers stay identical on every rank.
+            torch.distributed.all_reduce(raw)
+            raw /= torch.distributed.get_world_size()
         controller_loss = prediction_loss = 0.0
         if self._pending is not None:
-            inputs, assignment = self._pending
+            inputs, *routed = self._pending
             target = self.normalizer(raw[:, _PREDICTED_INDEX], _PREDICTED_INDEX)
             with torch.enable_grad():
-                out = self.bank(inputs, assignment)
-                loss = (hyper.to(out.multiplier) * out.multiplier).mean()
+                out = self.bank(inputs, *routed)
+                self._modulate(out)
+                loss = (self.unrolled.controller_loss(out.multiplier) if self.unrolled is not None
+                        else (hyper.to(out.multiplier) * out.multiplier).mean())
                 controller_loss = float(loss.detach())
                 if self.bank.self_supervision:
                     error = out.predictions - target
@@ -243,6 +398,8 @@ class RIBBED(torch.optim.Optimizer):
                     loss = loss + self.self_supervision_weight * prediction
                     prediction_loss = float(prediction.detach())
                     self.surprise = error.detach().abs().mean(1).cpu()
+                if self.density_reward:
+                    loss = loss + self.density_reward * self.density.reward_loss(out.multiplier)
                 self.controller_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.controller_optimizer.step()
@@ -250,17 +407,25 @@ class RIBBED(torch.optim.Optimizer):
         self.normalizer.update(raw)
         inputs = self.normalizer(raw)
         self.routing.observe(inputs)
-        if self.routing.assignment is None or self._step_count - self._routed_at >= self.routing_every:
+        refreshed = self.routing.assignment is None or self._step_count - self._routed_at >= self.routing_every
+        if refreshed:
             self.routing.refresh(self.generator)
             self._routed_at = self._step_count
+            if self.hierarchy is not None:
+                self.hierarchy.restructure(self.routing, self._step_count, self.bank, self.controller_optimizer)
         assignment = self.routing.assignment
-        out = self.bank(inputs, assignment)
+        out = self.bank(inputs, *self.routing.controller_choice())
+        if self.hierarchy is not None:
+            self.hierarchy.summarise(inputs, self.routing)
+        self._modulate(out)
+        if refreshed and self.routing.coupled is not None:  # sampled coupling: the others keep theirs
+            out.multiplier = torch.where(self.routing.coupled, out.multiplier, self.multiplier.to(out.multiplier))
         self.multiplier = out.multiplier
         self._neurons = {"multiplier": out.multiplier, "step": out.step, "coupling": out.coupling,
                          "gate": out.gate, "surprise": self.surprise.clone(), "hypergradient": hyper,
                          "controller": assignment}
         self._lerp_weights = self._lerp_from(out.multiplier)
-        self._pending = (inputs, assignment)
+        self._pending = (inputs, *self.routing.controller_choice())
         self._telemetry = {
             "ribbed_multiplier_mean": float(out.multiplier.mean()),
             "ribbed_multiplier_std": float(out.multiplier.std()) if self.n_neurons > 1 else 0.0,
@@ -272,22 +437,100 @@ class RIBBED(torch.optim.Optimizer):
             "ribbed_prediction_loss": prediction_loss,
             "ribbed_membership_changes": float(self.routing.changes),
         }
+        if self.hierarchy is not None:
+            self._telemetry.update(self.hierarchy.telemetry(self.routing))
+
+    def _modulate(self, out: ControllerOutputs) -> None:
+        """Multiply the bank's step multipliers by the higher-level controllers' factors (a
+        no-op at ``hierarchy_depth=1``), in the graph when called with gradients on."""
+        if self.hierarchy is not None and self.hierarchy.modulators:
+            out.multiplier = out.multiplier * self.hierarchy.modulation().to(out.multiplier)
+
+    def _probe(self, closure: Callable[[], float] | None, params: list[torch.Tensor]) -> LossProbe:
+        """Trial evaluations of the step's loss at values of ``params`` that leave no trace."""
+        loss = step_loss(self.model, closure, "RIBBED's guided ES / selection (es_every, evolve_every)")
+        owners = [p for group in self.param_groups for p in group["params"]]
+        return LossProbe(self.model, params, loss, self._recorders(), grad_owners=owners)
+
+    def _recorders(self) -> list:
+        """What the forward hooks record into (paused during trial evaluations)."""
+        return [layer.stats for layer in self.layers] + ([self.density] if self.density is not None else [])
+
+    def _evolve_controllers(self, closure: Callable[[], float] | None) -> None:
+        """Selection over the controller bank, each candidate scored on the loss after its trial
+        step ``before + m (after - before)``; a mutant replaces the bank only if strictly better."""
+        inputs, *routed = self._pending
+
+        def multiplier_of() -> torch.Tensor:
+            out = self.bank(inputs, *routed)
+            self._modulate(out)
+            return out.multiplier
+
+        with self._probe(closure, self.neuron_params) as probe:
+            result = evolve_bank(
+                self.bank, multiplier_of, population=self.evolve_population, sigma=self.evolve_sigma,
+                loss_of_multiplier=lambda m: probe.at(torch._foreach_lerp(probe.saved, self.prev, self._lerp_from(m))),
+                generator=self.generator,
+            )
+        if result.winner:
+            self.multiplier = multiplier_of()
+            self._lerp_weights = self._lerp_from(self.multiplier)
+        self._selection_telemetry = {"evolve_gain": result.losses[0] - result.losses[result.winner],
+                                     "evolve_accepted": float(result.winner > 0)}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self.needs_batch:
+            forget_batches(self.model)
 
     def _lerp_from(self, multiplier: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter lerp weights ``1 - m`` broadcast along each neuron's row."""
-        weights = []
+        return self._rows_of(1 - multiplier)
+
+    def _rows_of(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """A per-neuron ``[N]`` tensor as one view per neuron parameter (``neuron_params``
+        order), broadcast along each neuron's row, in the parameter's dtype."""
+        views = []
         for layer in self.layers:
-            m = (1 - multiplier[layer.offset:layer.offset + layer.n]).to(layer.weight)
-            weights.append(m.view(-1, *([1] * (layer.weight.dim() - 1))))
+            part = values[layer.offset:layer.offset + layer.n].to(layer.weight)
+            views.append(part.view(-1, *([1] * (layer.weight.dim() - 1))))
             if layer.bias is not None:
-                weights.append(m)
-        return weights
+                views.append(part)
+        return views
+
+    def _direct_update(self) -> bool:
+        """Whether this step computes the coupled update directly (``ribbed.core.scaled_adamw``):
+        over a plain AdamW, except on selection steps, which score trial steps from the base
+        update and the weights before it."""
+        evolving = self.evolve_every and self._step_count % self.evolve_every == 0 and self._lerp_weights is not None
+        return not evolving and supports_scaled_step(self.base)
+
+    def _neuron_scales(self) -> dict[nn.Parameter, torch.Tensor]:
+        """The multipliers as per-neuron learning-rate scales by parameter, rebuilt only when
+        the multipliers change (a refresh, a selection, a resume)."""
+        if self._scales is None or self._scales[0] is not self.multiplier:
+            self._scales = (self.multiplier, dict(zip(self.neuron_params, self._rows_of(self.multiplier), strict=True)))
+        return self._scales[1]
 
     # ------------------------------------------------------------------ inspection
 
     def telemetry(self) -> dict[str, float]:
-        """Summary of the last controller refresh (multiplier, coupling, gate, surprise...)."""
-        return dict(self._telemetry)
+        """Summary of the last controller refresh (multiplier, coupling, gate, surprise...) and
+        of the last information-density measurement (``density_*`` keys)."""
+        research = {key: value for part in (self.es, self.unrolled) if part is not None for key, value in part.last.items()}
+        return {**self._telemetry, **(self.density.telemetry() if self.density is not None else {}),
+                **research, **self._selection_telemetry}
+
+    def topology_log(self) -> list[dict[str, Any]]:
+        """Topology evolution of the hierarchical grouping: events ``{step, level, kind:
+        "merge" | "split" | "move", clusters, neurons}`` (empty without grouping)."""
+        return [] if self.hierarchy is None else self.hierarchy.topology_log()
+
+    def observe_labels(self, labels: torch.Tensor) -> None:
+        """Labels of the batch of the coming ``step()``, for the mutual information of the
+        information density (a no-op with ``density_every=0``); call it before ``step()``."""
+        if self.density is not None:
+            self.density.observe_labels(labels)
 
     def neuron_state(self) -> dict[str, torch.Tensor]:
         """Per-neuron values ``[N]`` of the last refresh (layers in model order), for plots."""
@@ -312,8 +555,14 @@ class RIBBED(torch.optim.Optimizer):
                 telemetry=dict(self._telemetry),
                 routed_at=self._routed_at,
             )
+        if self.hierarchy is not None:
+            state["hierarchy"] = self.hierarchy.state_dict()
         if self.chiral is not None:
             state["chiral"] = list(self.chiral.structure)
+        if self.es is not None:
+            state["es"] = self.es.state_dict()
+        if self.density is not None:
+            state["density"] = self.density.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -338,6 +587,12 @@ class RIBBED(torch.optim.Optimizer):
             self._set_recording(self._step_count % self.feature_every == 0)
         if self.chiral is not None:
             self.chiral.structure = list(state["chiral"])
+        if self.es is not None:
+            self.es.load_state_dict(state["es"])
+        if self.hierarchy is not None:
+            self.hierarchy.load_state_dict(state["hierarchy"], self.routing)
+        if self.density is not None:
+            self.density.load_state_dict(state["density"])
 
     def remove_hooks(self) -> None:
         """Detach the activation hooks from the model."""
@@ -345,3 +600,5 @@ class RIBBED(torch.optim.Optimizer):
             if layer.handle is not None:
                 layer.handle.remove()
                 layer.handle = None
+        if self.density is not None:
+            self.density.remove()

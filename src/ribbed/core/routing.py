@@ -2,17 +2,20 @@
 
 Centroids are seeded with k-means++. Each neuron's *trajectory feature* is an exponential moving average of its standardised
 feature vector, so neurons that have been learning alike share a controller. Every
-``refresh`` the assignment is recomputed by nearest centroid (dense, ``O(N K)`` with
+``refresh`` the assignment is recomputed by the coupling strategy (a router of
+``ribbed.core.coupling``; by default the exact nearest centroid, ``O(N K)`` with
 ``torch.cdist``) followed by one Lloyd update of the centroids; an empty cluster is
 re-seeded at the neuron farthest from its centroid among clusters of two or more, so no
 controller is left unused while there are neurons to spare (and no neuron is moved out of
-a cluster it is alone in). The
+a cluster it is alone in, nor a neuron the router did not re-couple). The
 number of neurons that changed controller is kept (the topology-evolution signal).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ribbed.core.coupling import DenseRouter, Router
 
 __all__ = ["OnlineKMeans"]
 
@@ -35,14 +38,24 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) 
 
 
 class OnlineKMeans:
-    """Nearest-centroid routing of ``N`` neurons to ``K`` controllers with Lloyd updates."""
+    """Routing of ``N`` neurons to ``K`` controllers by ``router`` with Lloyd updates.
 
-    def __init__(self, n_clusters: int, *, trajectory_momentum: float = 0.9):
+    ``router`` is a coupling strategy (default :class:`ribbed.core.coupling.DenseRouter`, exact
+    nearest centroid). Besides ``assignment`` it may leave ``mixture`` (top-k attention: each
+    neuron's controllers and weights) and ``coupled`` (sampled coupling: the neurons re-coupled
+    by the last refresh; ``None`` when all were).
+    """
+
+    def __init__(self, n_clusters: int, *, trajectory_momentum: float = 0.9, router: Router | None = None):
         self.k = n_clusters
         self.momentum = trajectory_momentum
+        self.router = DenseRouter() if router is None else router
+        self.router.check(n_clusters)
         self.trajectory: torch.Tensor | None = None
         self.centroids: torch.Tensor | None = None
         self.assignment: torch.Tensor | None = None
+        self.mixture: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.coupled: torch.Tensor | None = None
         self.changes = 0
 
     def observe(self, features: torch.Tensor) -> None:
@@ -53,32 +66,47 @@ class OnlineKMeans:
             self.trajectory.lerp_(features, 1 - self.momentum)
 
     def refresh(self, generator: torch.Generator) -> torch.Tensor:
-        """Reassign every neuron to its nearest centroid, update centroids; return ``[N]`` ids."""
+        """Route the neurons to centroids, update the centroids; return ``[N]`` ids."""
         points = self.trajectory
         if self.centroids is None:
             self.centroids = _kmeans_plus_plus(points, self.k, generator)
-        distances = torch.cdist(points, self.centroids)
-        assignment = distances.argmin(1)
+        self.router.prepare(self.centroids, generator)
+        routed = self.router.route(points, self.assignment, generator)
+        assignment, spread = routed.assignment, routed.distance
         counts = torch.bincount(assignment, minlength=self.k)
         sums = torch.zeros_like(self.centroids).index_add_(0, assignment, points)
         occupied = counts > 0
         self.centroids[occupied] = sums[occupied] / counts[occupied].unsqueeze(1)
         empty = (~occupied).nonzero().flatten()
-        spread = distances.gather(1, assignment.unsqueeze(1)).squeeze(1)
         spread[counts[assignment] < 2] = -float("inf")  # never empty a cluster to fill another
+        if routed.coupled is not None:
+            spread[~routed.coupled] = -float("inf")  # a neuron left uncoupled keeps its controller
         movable = int((spread > -float("inf")).sum())
         if len(empty) and movable:
             far = spread.topk(min(len(empty), movable)).indices
             self.centroids[empty[: len(far)]] = points[far]
             assignment[far] = empty[: len(far)]
+            if routed.mixture is not None:  # alone at its new centroid, it attends to it only
+                controllers, weights = routed.mixture
+                controllers[far, 0] = assignment[far]
+                weights[far] = torch.nn.functional.one_hot(torch.zeros_like(far), weights.shape[1]).to(weights)
         self.changes = 0 if self.assignment is None else int((assignment != self.assignment).sum())
-        self.assignment = assignment
+        self.assignment, self.mixture, self.coupled = assignment, routed.mixture, routed.coupled
         return assignment
+
+    def controller_choice(self) -> tuple[torch.Tensor, ...]:
+        """The ``ControllerBank`` arguments after the features: ``(assignment,)``, or
+        ``(controllers [N, k], weights [N, k])`` under top-k attention."""
+        return (self.assignment,) if self.mixture is None else self.mixture
 
     def state_dict(self) -> dict:
         return {"trajectory": self.trajectory, "centroids": self.centroids,
-                "assignment": self.assignment, "changes": self.changes}
+                "assignment": self.assignment, "changes": self.changes,
+                "mixture": None if self.mixture is None else list(self.mixture), "coupled": self.coupled}
 
     def load_state_dict(self, state: dict) -> None:
         self.trajectory, self.centroids = state["trajectory"], state["centroids"]
         self.assignment, self.changes = state["assignment"], state["changes"]
+        mixture = state.get("mixture")
+        self.mixture = None if mixture is None else tuple(mixture)
+        self.coupled = state.get("coupled")

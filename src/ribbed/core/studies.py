@@ -5,22 +5,30 @@ SGD and with RIBBED over the same SGD, from the same initialisation and data, fo
 seeds and base learning rates (too small, reasonable, too large). Recorded per step: the
 loss, and RIBBED's step multiplier, coupling strength and surprise for the neuron. The
 report shows the curves and a table of the final loss and the steps to reach a loss target.
+
+``coupling-scaling``: the time one routing of ``N`` neurons to ``K`` controllers takes with each
+coupling strategy (``ribbed.core.coupling``), against ``N`` at a fixed ``K`` and against ``K`` at
+a fixed ``N``, with log-log fitted slopes, the time ratio per doubling of ``K``, and how often
+each strategy picks the same controller as the exact dense search.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from ribbed.core.coupling import ROUTERS, build_router
+from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.optimizer import RIBBED
 from ribbed.experiments.stats import mean_ci
 from ribbed.experiments.studies import FigureSpec, StudyResult, Table, register_study
 
-__all__ = ["phase1"]
+__all__ = ["coupling_scaling", "coupling_workload", "loglog_slope", "phase1", "time_coupling"]
 
 
 def _regression(seed: int, inputs: int, samples: int, noise: float):
@@ -217,3 +225,127 @@ def metabp_dynamics(context, *, dataset: str = "mnist1d", hidden: tuple[int, ...
     best = max(summary_rows, key=lambda row: row[1])
     findings = [f"Best variant by mean test accuracy: {best[0]} ({best[1]:.4f}); see the table for intervals."]
     return StudyResult(tables=[table], figures=figures, findings=findings)
+
+
+def coupling_workload(n_neurons: int, n_controllers: int, generator: torch.Generator,
+                      spread: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trajectory features ``[N, F]`` of neurons scattered (``spread``) around ``K`` centroids
+    drawn from a standard normal, the scale of RIBBED's standardised features."""
+    centroids = torch.randn(n_controllers, len(FEATURE_NAMES), generator=generator)
+    owner = torch.randint(n_controllers, (n_neurons,), generator=generator)
+    points = centroids[owner] + spread * torch.randn(n_neurons, len(FEATURE_NAMES), generator=generator)
+    return points, centroids
+
+
+def time_coupling(strategy: str, points: torch.Tensor, centroids: torch.Tensor, *, repeats: int,
+                  generator: torch.Generator, options: dict | None = None) -> dict:
+    """Median wall time of ``prepare`` (index the centroids) and ``route`` (assign every neuron)
+    over ``repeats`` calls, and the last assignment. Every neuron starts on controller 0 (what
+    ``sampled`` keeps for the neurons it does not re-couple)."""
+    router = build_router(strategy, options)
+    previous = torch.zeros(points.shape[0], dtype=torch.long)
+    prepare, route = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        router.prepare(centroids, generator)
+        indexed = time.perf_counter()
+        routed = router.route(points, previous, generator)
+        prepare.append(indexed - started)
+        route.append(time.perf_counter() - indexed)
+    return {"prepare_s": statistics.median(prepare), "route_s": statistics.median(route),
+            "assignment": routed.assignment, "distance": routed.distance}
+
+
+def loglog_slope(sizes: list[float], seconds: list[float]) -> float:
+    """Least-squares slope of ``log(seconds)`` against ``log(sizes)`` (1: linear, 0: constant)."""
+    return statistics.linear_regression([math.log(s) for s in sizes], [math.log(t) for t in seconds]).slope
+
+
+def _sweep(strategies, cells, repeats, seed, context, label) -> dict[str, list[dict]]:
+    """Time every strategy on every ``(N, K)`` cell; agreement is against ``dense`` of the same cell."""
+    results: dict[str, list[dict]] = {name: [] for name in strategies}
+    for n, k in context.steps(cells, label):
+        points, centroids = coupling_workload(n, k, torch.Generator().manual_seed(seed))
+        reference = None
+        for name in strategies:
+            measured = time_coupling(name, points, centroids, repeats=repeats,
+                                     generator=torch.Generator().manual_seed(seed))
+            if name == "dense":
+                reference = measured
+            same = None if reference is None or name == "sampled" else float(
+                (measured["assignment"] == reference["assignment"]).float().mean())
+            distance = None if reference is None or name == "sampled" else float(
+                measured["distance"].mean() / reference["distance"].mean())
+            results[name].append({"n": n, "k": k, "route_s": measured["route_s"],
+                                  "prepare_s": measured["prepare_s"], "agreement": same,
+                                  "distance_ratio": distance})
+    return results
+
+
+@register_study("coupling-scaling", "routing time of each coupling strategy against N neurons and K controllers")
+def coupling_scaling(context, *, neurons: tuple[int, ...] = (1000, 10000, 100000, 1000000),
+                     controllers: tuple[int, ...] = (4, 16, 64, 256, 1024, 4096),
+                     fixed_controllers: int = 64, fixed_neurons: int = 100000, repeats: int = 3,
+                     strategies: tuple[str, ...] = ("dense", "tree", "lsh", "sampled", "topk-attention"),
+                     seed: int = 0) -> StudyResult:
+    """Route time against ``N`` (at ``fixed_controllers``) and ``K`` (at ``fixed_neurons``)."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"options.repeats: got {repeats!r}; allowed: an integer >= 1")
+    unknown = [name for name in strategies if name not in ROUTERS]
+    if unknown:
+        raise ValueError(f"options.strategies: unknown {unknown}; allowed: {', '.join(ROUTERS.names())}")
+    if "dense" in strategies:
+        strategies = ("dense", *[name for name in strategies if name != "dense"])
+    by_n = _sweep(strategies, [(n, fixed_controllers) for n in neurons], repeats, seed, context, "N sweep")
+    by_k = _sweep(strategies, [(fixed_neurons, k) for k in controllers], repeats, seed, context, "K sweep")
+    rows, slopes = [], {}
+    for name in strategies:
+        slope_n = loglog_slope([r["n"] for r in by_n[name]], [r["route_s"] for r in by_n[name]])
+        slope_k = loglog_slope([r["k"] for r in by_k[name]], [r["route_s"] for r in by_k[name]])
+        slopes[name] = {"slope_n": slope_n, "slope_k": slope_k, "ratio_per_doubling_k": 2 ** slope_k}
+        for sweep, record in [("N", r) for r in by_n[name]] + [("K", r) for r in by_k[name]]:
+            rows.append([name, sweep, record["n"], record["k"], record["route_s"] * 1e3,
+                         record["prepare_s"] * 1e3, record["agreement"], record["distance_ratio"]])
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    for index, (sweep, key, fixed) in enumerate(((by_n, "n", f"K = {fixed_controllers}"),
+                                                 (by_k, "k", f"N = {fixed_neurons:,}"))):
+        ax = figure.add_subplot(1, 2, index + 1)
+        for name in strategies:
+            slope = slopes[name]["slope_n" if key == "n" else "slope_k"]
+            ax.loglog([r[key] for r in sweep[name]], [r["route_s"] * 1e3 for r in sweep[name]],
+                      marker="o", label=f"{name} (slope {slope:.2f})")
+        ax.set_xlabel("neurons N" if key == "n" else "controllers K")
+        ax.set_ylabel("route time per step (ms)")
+        ax.set_title(f"routing time against {'N' if key == 'n' else 'K'} ({fixed})", fontsize=10)
+        ax.legend(fontsize=8)
+    summary = Table(
+        "Fitted log-log slopes and time ratio per doubling of K",
+        ["strategy", "slope in N", "slope in K", "time ratio per doubling of K"],
+        [[name, s["slope_n"], s["slope_k"], s["ratio_per_doubling_k"]] for name, s in slopes.items()],
+        note="Slopes are least-squares fits of log(route time) on log(N) or log(K); the ratio per doubling is "
+             "2^(slope in K). Goal for tree and lsh: a ratio of at most 1.15.",
+    )
+    table = Table(
+        "Route time per strategy and grid cell",
+        ["strategy", "sweep", "N", "K", "route (ms)", "prepare (ms)", "agreement with dense",
+         "mean distance / dense"],
+        rows,
+        note=f"Median of {repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+             "route: assign every neuron (what a re-clustering costs per step); prepare: index the centroids "
+             "(tree, LSH tables), once per re-clustering. Neurons are N(0, 0.5^2) around K standard-normal "
+             f"centroids in {len(FEATURE_NAMES)} dimensions. sampled re-couples 10% of the neurons, so its "
+             "agreement is not comparable.",
+    )
+    findings = [
+        f"{name}: time ~ N^{s['slope_n']:.2f} and ~ K^{s['slope_k']:.2f}, a ratio of "
+        f"{s['ratio_per_doubling_k']:.2f} per doubling of K." for name, s in slopes.items()
+    ]
+    for name in strategies:
+        agreements = [r["agreement"] for r in by_k[name] if r["agreement"] is not None]
+        if agreements and name != "dense":
+            findings.append(f"{name}: picks the dense controller for {min(agreements):.0%} to "
+                            f"{max(agreements):.0%} of neurons across the K sweep.")
+    return StudyResult(tables=[summary, table],
+                       figures=[FigureSpec("coupling-scaling", figure,
+                                           "Route time against N and K, log-log, with fitted slopes.")],
+                       findings=findings, data={"slopes": slopes, "by_n": by_n, "by_k": by_k})

@@ -10,6 +10,8 @@ zero1      DDP + ``ZeroRedundancyOptimizer`` (optimiser state sharded)
 zero2      FSDP2 ``fully_shard(reshard_after_forward=False)`` or FSDP ``SHARD_GRAD_OP``
 zero3      FSDP2 ``fully_shard`` or FSDP ``FULL_SHARD`` (parameters sharded too)
 deepspeed  a DeepSpeed engine, ZeRO ``stage`` 0-3 (with the ``deepspeed`` extra)
+pipeline   ``torch.distributed.pipelining``: one stage per rank, ``schedule`` gpipe or 1f1b
+tensor     ``torch.distributed.tensor.parallel``: the GPT's heads and MLP split Megatron-style
 =========  ==============================================================================
 
 Every strategy feeds the same global batch as a single process, reports per-rank memory of
@@ -21,7 +23,13 @@ Example (two CPU processes, ZeRO-3 on FSDP2)::
     ribbed run --nproc 2 my_run.yaml --set train.distributed.strategy=zero3
 """
 
-from ribbed.distributed import data_parallel, deepspeed_engine, sharded  # noqa: F401  (registers the strategies)
+from ribbed.distributed import (  # noqa: F401  (registers the strategies)
+    data_parallel,
+    deepspeed_engine,
+    pipeline,
+    sharded,
+    tensor_parallel,
+)
 from ribbed.distributed.compression import (
     COMPRESSIONS,
     list_compressions,

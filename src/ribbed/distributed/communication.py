@@ -2,7 +2,8 @@
 
 Every collective of ``torch.distributed`` (whoever issues it: DDP's reducer, a compression
 hook, ZeroRedundancyOptimizer, FSDP, the pipeline schedules, DTensor) reaches the dispatcher
-as a ``c10d::`` operator. :class:`CommunicationCounter` is a ``TorchDispatchMode`` that sees
+as a ``c10d::`` operator (DTensor's and the functional collectives as
+``_c10d_functional::`` ones). :class:`CommunicationCounter` is a ``TorchDispatchMode`` that sees
 those operators and adds up the bytes of the tensors this rank hands over to be sent, so one
 counter measures every strategy the same way, including what a compression hook really
 sends (fp16 buckets, PowerSGD's low-rank factors, top-k values and indices).
@@ -24,8 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = ["CommunicationCounter"]
 
 _SENT_ARGUMENTS = {"tensors", "input_tensor", "input_tensors", "inputs", "input", "input_list"}
-_NOTHING_SENT = {"recv_", "recv_any_source_", "barrier", "monitored_barrier_"}
-_ROOT_ONLY = {"broadcast_", "scatter_"}
+_NOTHING_SENT = {"recv_", "recv_any_source_", "barrier", "monitored_barrier_", "wait_tensor",
+                 "_wrap_tensor_autograd"}  # the last two wait on or wrap a result, sending nothing
+_ROOT_ONLY = {"broadcast_", "scatter_", "broadcast"}
+_NAMESPACES = {"c10d", "_c10d_functional"}
 
 
 def _tensor_bytes(value) -> int:
@@ -36,8 +39,11 @@ def _tensor_bytes(value) -> int:
     return 0
 
 
-def _group_rank(process_group) -> int:
-    return torch.distributed.ProcessGroup.unbox(process_group).rank()
+def _is_root(bound: dict) -> bool:
+    """Whether this rank is the source of a broadcast or scatter (functional ones name a global rank)."""
+    if "root_rank" in bound:
+        return bound["root_rank"] == torch.distributed.ProcessGroup.unbox(bound["process_group"]).rank()
+    return bound["src"] == torch.distributed.get_rank()
 
 
 def sent_bytes(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> int:
@@ -46,7 +52,7 @@ def sent_bytes(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> int:
     if name in _NOTHING_SENT:
         return 0
     bound = dict(zip((a.name for a in op._schema.arguments), args, strict=False)) | kwargs
-    if name in _ROOT_ONLY and bound["root_rank"] != _group_rank(bound["process_group"]):
+    if name in _ROOT_ONLY and not _is_root(bound):
         return 0
     return sum(_tensor_bytes(value) for key, value in bound.items() if key in _SENT_ARGUMENTS)
 
@@ -76,7 +82,7 @@ class CommunicationCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "c10d":
+        if func.namespace in _NAMESPACES:
             name = func._schema.name.split("::")[-1]
             self.calls[name] += 1
             self.bytes[name] += sent_bytes(func, args, kwargs)

@@ -31,7 +31,12 @@ from ribbed.distributed.state import (
     load_full_model_state,
     load_full_optimizer_state,
 )
-from ribbed.distributed.strategy import FullState, Strategy, register_strategy
+from ribbed.distributed.strategy import (
+    FullState,
+    Strategy,
+    register_strategy,
+    require_whole_neurons,
+)
 
 __all__ = ["FullySharded", "ZeroStage2", "ZeroStage3"]
 
@@ -78,7 +83,9 @@ class FullySharded(Strategy):
             )
         if precision.scaler is not None:  # fp16: unscale and check sharded gradients on all ranks
             precision.scaler = ShardedGradScaler(device.type)
-        return model, make_optimizer(model), gradient_method
+        optimizer = make_optimizer(model)
+        require_whole_neurons(optimizer, self.name)
+        return model, optimizer, gradient_method
 
     def no_sync(self, model, last_micro_batch):
         if self.engine == "fsdp":

@@ -50,6 +50,8 @@ __all__ = [
     "build_strategy",
     "list_strategies",
     "register_strategy",
+    "require_backprop_fp32",
+    "require_whole_neurons",
 ]
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -230,6 +232,34 @@ class FullState:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._state
+
+
+def require_backprop_fp32(config: RunConfig, strategy: str) -> None:
+    """Refuse settings a model-splitting strategy does not support: it runs its own forward
+    and backward (pipeline schedules) or parallel layers (tensor parallelism), tested in fp32
+    with ``loss.backward()`` only."""
+    train = config.train
+    for field, value, allowed in (("train.precision", train.precision, "fp32"),
+                                  ("train.gradient_method", train.gradient_method, "backprop")):
+        if value != allowed:
+            raise ValueError(f"{field}: got {value!r}; allowed with strategy {strategy!r}: {allowed!r}")
+
+
+def require_whole_neurons(optimizer: torch.optim.Optimizer, strategy: str) -> None:
+    """Refuse RIBBED under a strategy that splits the model across ranks.
+
+    RIBBED averages its per-neuron features over all ranks (``RIBBED._update_controllers``),
+    which is right when every rank holds every neuron whole (data parallelism) and wrong when
+    ranks hold different layers (pipeline), different rows of a layer (tensor parallelism) or
+    shards of the parameters (FSDP).
+    """
+    from ribbed.core import RIBBED
+
+    if isinstance(optimizer, RIBBED):
+        raise ValueError(
+            f"optimizer.name: got 'ribbed' with strategy {strategy!r}, which gives each rank a "
+            "different part of the model; allowed with ribbed: strategy ddp or none"
+        )
 
 
 STRATEGIES: Registry[Strategy] = Registry(

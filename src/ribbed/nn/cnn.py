@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ribbed.nn.activations import ACTIVATION_CHOICES, build_activation
 from ribbed.nn.checkpointing import run_blocks
 from ribbed.nn.registry import (
     ModelError,
@@ -26,7 +27,7 @@ class CNN1d(nn.Module):
     """The ConvBase of MNIST-1D (Greydanus & Kobak, 2024, "Scaling Down Deep Learning with
     MNIST-1D", ICML; arXiv:2011.14439).
 
-    Three Conv1d layers with stride 2 and padding 1, each followed by ReLU and each one of
+    Three Conv1d layers with stride 2 and padding 1, each followed by ReLU (or ``activation``) and each one of
     ``self.blocks``; the first has ``kernel_size``, the other two kernel 3 as in the paper.
     The features are flattened into a Linear head whose input size comes from a dummy
     forward, so any signal length works (40 gives the paper's 125 features).
@@ -36,6 +37,9 @@ class CNN1d(nn.Module):
         num_classes: number of output logits.
         channels: channels of every conv layer.
         kernel_size: kernel of the first conv layer.
+        activation: ``relu`` (the paper's), another of
+            :data:`ribbed.nn.activations.ACTIVATION_CHOICES`, or ``mixture`` (a learned
+            per-channel mixture, :class:`ribbed.nn.activations.ActivationMixture`).
     """
 
     tasks = ("classification",)
@@ -46,15 +50,18 @@ class CNN1d(nn.Module):
         num_classes: int,
         channels: int = 25,
         kernel_size: int = 5,
+        activation: str = "relu",
     ):
         super().__init__()
         self.signal_shape = _signal_shape(input_shape)
         check_option("channels", channels, is_positive_int(channels), "a positive integer")
         check_option("kernel_size", kernel_size, is_positive_int(kernel_size), "a positive integer")
+        check_option("activation", activation, activation in ACTIVATION_CHOICES, str(sorted(ACTIVATION_CHOICES)))
         in_channels = (self.signal_shape[0], channels, channels)
         kernels = (kernel_size, 3, 3)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(c, channels, k, stride=2, padding=1), nn.ReLU())
+            nn.Sequential(nn.Conv1d(c, channels, k, stride=2, padding=1),
+                          build_activation(activation, channels, unit_dim=1))
             for c, k in zip(in_channels, kernels, strict=True)
         )
         self.head = nn.Linear(self._flat_features(), num_classes)

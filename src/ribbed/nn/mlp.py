@@ -7,15 +7,11 @@ import math
 import torch
 from torch import nn
 
+from ribbed.nn.activations import ACTIVATION_CHOICES, ELEMENTWISE, build_activation
 from ribbed.nn.checkpointing import run_blocks
 from ribbed.nn.registry import check_dropout, check_option, check_sizes, register_model
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-}
+ACTIVATIONS: dict[str, type[nn.Module]] = ELEMENTWISE
 
 
 @register_model("mlp", "fully connected network on the flattened input")
@@ -28,7 +24,8 @@ class MLP(nn.Module):
         input_shape: shape of one example; flattened.
         num_classes: number of output logits.
         hidden: width of each hidden layer.
-        activation: one of :data:`ACTIVATIONS`.
+        activation: one of :data:`ACTIVATIONS`, or ``mixture`` (a learned per-neuron mixture,
+            :class:`ribbed.nn.activations.ActivationMixture`).
         dropout: dropout probability after each activation.
     """
 
@@ -44,11 +41,11 @@ class MLP(nn.Module):
     ):
         super().__init__()
         hidden = check_sizes("hidden", hidden, min_length=0)
-        check_option("activation", activation, activation in ACTIVATIONS, str(sorted(ACTIVATIONS)))
+        check_option("activation", activation, activation in ACTIVATION_CHOICES, str(sorted(ACTIVATION_CHOICES)))
         check_dropout(dropout)
         widths = (math.prod(input_shape), *hidden)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(n_in, n_out), ACTIVATIONS[activation](), nn.Dropout(dropout))
+            nn.Sequential(nn.Linear(n_in, n_out), build_activation(activation, n_out), nn.Dropout(dropout))
             for n_in, n_out in zip(widths[:-1], widths[1:], strict=True)
         )
         self.head = nn.Linear(widths[-1], num_classes)
