@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
@@ -18,6 +17,7 @@ from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.layers import binned_entropy, find_neuron_layers, row_dot
 from ribbed.data import load_dataset
 from ribbed.train import build_run, train
+from tests.ribbed_helpers import assert_resume_matches_uninterrupted
 
 ALL_OFF = {"controllers": False, "chiral_gamma": 0.0}
 
@@ -140,23 +140,8 @@ def test_hypergradient_matches_finite_differences():
 def test_state_dict_round_trip_continues_identically():
     batches = _batches(50)
     settings_ = {"chiral_gamma": 0.05, "routing_every": 7, "graph_every": 9, "feature_every": 2}
-    whole = _mlp()
-    _train(whole, RIBBED(whole, lr=1e-2, **settings_), batches)
-
-    first = _mlp()
-    optimizer = RIBBED(first, lr=1e-2, **settings_)
-    _train(first, optimizer, batches[:23])
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = _mlp(seed=5)
-    resumed.load_state_dict(saved["model"])
-    optimizer = RIBBED(resumed, lr=1e-2, **settings_)
-    optimizer.load_state_dict(saved["optimizer"])
-    _train(resumed, optimizer, batches[23:])
-    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_resume_matches_uninterrupted(_mlp, lambda model: RIBBED(model, lr=1e-2, **settings_), _train,
+                                        batches, split=23)
 
 
 def test_works_under_an_lr_scheduler():

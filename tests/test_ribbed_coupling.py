@@ -14,6 +14,7 @@ from ribbed.core.controllers import ControllerBank
 from ribbed.core.coupling import ROUTERS, build_router, nearest_centroid
 from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.routing import OnlineKMeans
+from tests.ribbed_helpers import assert_resume_matches_uninterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -241,21 +242,8 @@ def test_ribbed_trains_with_every_strategy(name):
 def test_ribbed_state_dict_round_trip_with_each_strategy(name):
     batches = _batches(30)
     settings = {**SETTINGS, "routing": name, "routing_options": OPTIONS.get(name)}
-    whole = _mlp()
-    _train(whole, RIBBED(whole, lr=1e-2, **settings), batches)
-    first = _mlp()
-    optimizer = RIBBED(first, lr=1e-2, **settings)
-    _train(first, optimizer, batches[:13])
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = _mlp(seed=3)
-    resumed.load_state_dict(saved["model"])
-    optimizer = RIBBED(resumed, lr=1e-2, **settings)
-    optimizer.load_state_dict(saved["optimizer"])
-    _train(resumed, optimizer, batches[13:])
-    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
+    assert_resume_matches_uninterrupted(_mlp, lambda model: RIBBED(model, lr=1e-2, **settings), _train,
+                                        batches, split=13)
 
 
 def test_sampled_ribbed_keeps_unsampled_multipliers_at_a_recoupling():

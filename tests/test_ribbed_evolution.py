@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from torch import nn
@@ -21,6 +19,7 @@ from ribbed.core.evolution import (
 from ribbed.data import load_dataset
 from ribbed.optim import record_batch
 from ribbed.train import build_run, train
+from tests.ribbed_helpers import assert_resume_matches_uninterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -230,28 +229,13 @@ def test_selection_in_ribbed_never_takes_a_worse_trial_step():
 
 def test_state_dict_round_trip_with_es_and_selection():
     settings = {"es_every": 2, "es_population": 2, "evolve_every": 3, "evolve_population": 3, "feature_every": 3}
-    batches = _batches(16)
-    whole = _mlp()
-    optimizer = RIBBED(whole, lr=1e-2, **settings)
-    torch.manual_seed(9)  # after building: the bank's initialisation draws from the global stream
-    _train_with_closure(whole, optimizer, batches)
 
-    first = _mlp()
-    optimizer = RIBBED(first, lr=1e-2, **settings)
-    torch.manual_seed(9)
-    _train_with_closure(first, optimizer, batches[:7])
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
-               buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = _mlp(seed=3)
-    resumed.load_state_dict(saved["model"])
-    optimizer = RIBBED(resumed, lr=1e-2, **settings)
-    optimizer.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["rng"])
-    _train_with_closure(resumed, optimizer, batches[7:])
-    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
+    def make_optimizer(model):
+        optimizer = RIBBED(model, lr=1e-2, **settings)
+        torch.manual_seed(9)  # after building: the bank's initialisation draws from the global stream
+        return optimizer
+
+    assert_resume_matches_uninterrupted(_mlp, make_optimizer, _train_with_closure, _batches(16), split=7)
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -3,7 +3,6 @@ bounded modulation that learns, persistence, and training with depth > 1."""
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -19,6 +18,7 @@ from ribbed.core.controllers import ControllerBank
 from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.hierarchy import ClusterHierarchy, ModulatorBank, WeightedKMeans
 from ribbed.core.routing import OnlineKMeans
+from tests.ribbed_helpers import assert_resume_matches_uninterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -262,26 +262,10 @@ def test_modulation_follows_its_training_signal():
 
 
 def test_state_dict_round_trip_continues_bit_for_bit():
-    batches = _batches(50)
-    whole = _mlp()
-    uninterrupted = RIBBED(whole, lr=1e-2, **GROUPING)
-    _train(whole, uninterrupted, batches)
+    uninterrupted, optimizer = assert_resume_matches_uninterrupted(
+        _mlp, lambda model: RIBBED(model, lr=1e-2, **GROUPING), _train, _batches(50), split=27)
     kinds = {event["kind"] for event in uninterrupted.topology_log()}
     assert {"merge", "split", "move"} <= kinds  # the run really evolves its topology
-
-    first = _mlp()
-    optimizer = RIBBED(first, lr=1e-2, **GROUPING)
-    _train(first, optimizer, batches[:27])
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = _mlp(seed=5)
-    resumed.load_state_dict(saved["model"])
-    optimizer = RIBBED(resumed, lr=1e-2, **GROUPING)
-    optimizer.load_state_dict(saved["optimizer"])
-    _train(resumed, optimizer, batches[27:])
-    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
     assert optimizer.topology_log() == uninterrupted.topology_log()
     assert optimizer.telemetry() == uninterrupted.telemetry()
 
