@@ -26,7 +26,6 @@ ranks, fp32, the ``backprop`` gradient method, not RIBBED.
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -73,19 +72,6 @@ def head_major_rows(n_embd: int, shards: int) -> torch.Tensor:
         torch.arange(part * n_embd + shard * per_shard, part * n_embd + (shard + 1) * per_shard)
         for shard in range(shards) for part in range(3)
     ])
-
-
-def forward_on_local_heads(self: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
-    """``CausalSelfAttention.forward`` on this rank's heads: ``c_attn`` gives ``[q_r, k_r, v_r]``
-    (``n_head`` is the local number of heads) and ``c_proj`` sums over ranks.
-
-    The base forward splits ``c_attn``'s output and reshapes ``y`` by the full width; this one
-    takes the widths from the local tensors (``chunk(3)``, ``reshape(..., -1)``).
-    """
-    batch, steps, _ = x.shape
-    q, k, v = (t.view(batch, steps, self.n_head, -1).transpose(1, 2) for t in self.c_attn(x).chunk(3, dim=2))
-    y = self.attend(q, k, v).transpose(1, 2).reshape(batch, steps, -1)
-    return self.resid_dropout(self.c_proj(y))
 
 
 def replicate_other_parameters(model: nn.Module, mesh) -> None:
@@ -165,8 +151,7 @@ class TensorParallel(Strategy):
                     if parameter is not None:
                         parameter.copy_(parameter[self.rows])
             parallelize_module(block, mesh, BLOCK_PLAN)
-            attention.n_head //= self.world_size
-            attention.forward = types.MethodType(forward_on_local_heads, attention)
+            attention.n_head //= self.world_size  # the forward takes its widths from c_attn
         replicate_other_parameters(model, mesh)
         optimizer = make_optimizer(model)
         require_whole_neurons(optimizer, self.name)

@@ -104,10 +104,12 @@ class CausalSelfAttention(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, steps, width = x.shape
-        q, k, v = self.c_attn(x).split(width, dim=2)
+        # Widths come from the projections, not from ``x``: under tensor parallelism (Megatron
+        # layout) ``c_attn`` gives only this rank's heads and ``n_head`` is the local count.
+        batch, steps, _ = x.shape
+        q, k, v = self.c_attn(x).chunk(3, dim=2)
         q, k, v = (t.view(batch, steps, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
-        y = self.attend(q, k, v).transpose(1, 2).reshape(batch, steps, width)
+        y = self.attend(q, k, v).transpose(1, 2).reshape(batch, steps, -1)
         return self.resid_dropout(self.c_proj(y))
 
 
