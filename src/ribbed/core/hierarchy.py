@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from ribbed.core.controllers import ControllerBank, gathered_mlp
-from ribbed.core.routing import OnlineKMeans
+from ribbed.core.routing import OnlineKMeans, kmeans_plus_plus
 
 __all__ = [
     "ClusterHierarchy", "ModulatorBank", "WeightedKMeans", "check_hierarchy_settings",
@@ -130,24 +130,6 @@ def cluster_summary(features: torch.Tensor, trajectory: torch.Tensor, ids: torch
 # ---------------------------------------------------------------------- weighted k-means
 
 
-def _weighted_kmeans_plus_plus(points: torch.Tensor, weights: torch.Tensor, k: int,
-                               generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding with each point's chance scaled by its weight (first draw by weight,
-    then by ``weight * squared distance`` to the nearest chosen centroid)."""
-    def draw(scores: torch.Tensor) -> int:
-        total = float(scores.sum())
-        if total <= 0:
-            return int(torch.randint(len(scores), (1,), generator=generator))
-        return int(torch.multinomial((scores / total).cpu(), 1, generator=generator))
-
-    chosen = [draw(weights)]
-    nearest = (points - points[chosen[0]]).pow(2).sum(1)
-    for _ in range(1, k):
-        chosen.append(draw(weights * nearest))
-        nearest = torch.minimum(nearest, (points - points[chosen[-1]]).pow(2).sum(1))
-    return points[chosen].clone()
-
-
 class WeightedKMeans:
     """Size-weighted Lloyd clustering of one level's centroids into ``k`` clusters.
 
@@ -166,7 +148,7 @@ class WeightedKMeans:
     def fit(self, points: torch.Tensor, weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Cluster ``points [U, F]`` with ``weights [U]``; return the ``[U]`` cluster ids."""
         if self.centroids is None:
-            self.centroids = _weighted_kmeans_plus_plus(points, weights, self.k, generator)
+            self.centroids = kmeans_plus_plus(points, self.k, generator, weights)
         previous = None
         for _ in range(self.iterations):
             distances = torch.cdist(points, self.centroids)

@@ -17,22 +17,25 @@ import torch
 
 from ribbed.core.coupling import DenseRouter, Router
 
-__all__ = ["OnlineKMeans"]
+__all__ = ["OnlineKMeans", "kmeans_plus_plus"]
 
 
-def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centroid drawn with
-    probability proportional to the squared distance to the nearest one chosen so far.
+    probability proportional to the squared distance to the nearest one chosen so far (times
+    the point's weight when ``weights`` are given; the first one uniformly, or by weight).
     With fewer points than ``k``, points are reused."""
-    n = points.shape[0]
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    def draw(scores: torch.Tensor) -> int:
+        total = float(scores.sum())
+        if total <= 0:
+            return int(torch.randint(len(scores), (1,), generator=generator))
+        return int(torch.multinomial((scores / total).cpu(), 1, generator=generator))
+
+    chosen = [int(torch.randint(len(points), (1,), generator=generator)) if weights is None else draw(weights)]
     nearest = (points - points[chosen[0]]).pow(2).sum(1)
     for _ in range(1, k):
-        total = float(nearest.sum())
-        if total <= 0:
-            chosen.append(int(torch.randint(n, (1,), generator=generator)))
-        else:
-            chosen.append(int(torch.multinomial((nearest / total).cpu(), 1, generator=generator)))
+        chosen.append(draw(nearest if weights is None else weights * nearest))
         nearest = torch.minimum(nearest, (points - points[chosen[-1]]).pow(2).sum(1))
     return points[chosen].clone()
 
@@ -69,7 +72,7 @@ class OnlineKMeans:
         """Route the neurons to centroids, update the centroids; return ``[N]`` ids."""
         points = self.trajectory
         if self.centroids is None:
-            self.centroids = _kmeans_plus_plus(points, self.k, generator)
+            self.centroids = kmeans_plus_plus(points, self.k, generator)
         self.router.prepare(self.centroids, generator)
         routed = self.router.route(points, self.assignment, generator)
         assignment, spread = routed.assignment, routed.distance
