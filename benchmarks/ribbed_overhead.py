@@ -5,10 +5,21 @@ batch 128) this times full training steps (forward, backward, optimiser step) wi
 ``torch.optim.AdamW(foreach=True)`` and with ``RIBBED`` over the same AdamW, alternating
 A/B blocks in one process, and prints median(RIBBED) / median(AdamW). RIBBED runs with
 every component on (controllers, contextual heads, coupling, self-supervision, activation
-features, chiral term), once refreshing features every step and once every 10 steps.
-Then a ``torch.profiler`` table of one RIBBED configuration shows the most expensive ops.
+features, chiral term), once refreshing features every step and once every 10 steps (the
+default, and the configuration the 1.10 goal is about). Where the time goes: ``--ablate``
+adds that configuration with one piece off at a time (the chiral term, the activation hooks,
+the refresh itself by refreshing every 1000 steps), so each piece's cost is a difference of
+ratios from one run; ``--profile`` prints a ``torch.profiler`` table of it (20 steps, so two
+feature refreshes) with the most expensive ops. Every optimiser trains its own copy of the
+model (RIBBED's hooks then fire only in its own steps), and the order of the blocks is
+reversed every other repeat.
 
-    python benchmarks/ribbed_overhead.py [--steps 60] [--repeats 5] [--profile]
+On a CPU these steps are bound by memory traffic: every elementwise op streams whole
+tensors, so RIBBED's cost is counted in extra passes over the weights and gradients (AdamW's
+own foreach step makes about twenty). Run it on an idle machine, and compare ratios only
+within one run.
+
+    python benchmarks/ribbed_overhead.py [--steps 60] [--repeats 5] [--ablate] [--profile]
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +38,8 @@ from ribbed.nn import build_model
 
 ALL_ON = {"chiral_gamma": 0.01, "controllers": True, "contextual_heads": True, "coupling": True,
           "self_supervision": True, "activation_features": True}
+ABLATIONS = {"no chiral term": {"chiral_gamma": 0.0}, "no activation hooks": {"activation_features": False},
+             "refresh every 1000": {"feature_every": 1000}}
 
 
 def models() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
@@ -51,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ablate", action="store_true", help="also time features-every-10 with one piece off")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x "
@@ -62,23 +77,29 @@ def main() -> None:
             "ribbed (features every step)": lambda m: RIBBED(m, lr=1e-3, feature_every=1, **ALL_ON),
             "ribbed (features every 10)": lambda m: RIBBED(m, lr=1e-3, feature_every=10, **ALL_ON),
         }
-        optimizers = {label: build(model) for label, build in builders.items()}
+        if args.ablate:
+            builders.update({f"  ... {label}": lambda m, off=off: RIBBED(m, lr=1e-3, **{**ALL_ON, "feature_every": 10, **off})
+                             for label, off in ABLATIONS.items()})
+        # One copy of the model per optimiser: RIBBED's activation hooks must fire only in its
+        # own steps, not in AdamW's (or another RIBBED's) forward passes.
+        runs = {label: (copy := deepcopy(model), build(copy)) for label, build in builders.items()}
         times: dict[str, list[float]] = {label: [] for label in builders}
-        for optimizer in optimizers.values():  # warm-up
-            time_steps(model, optimizer, x, y, 5)
-        for _ in range(args.repeats):
-            for label, optimizer in optimizers.items():
-                times[label].append(time_steps(model, optimizer, x, y, args.steps))
+        for net, optimizer in runs.values():  # warm-up
+            time_steps(net, optimizer, x, y, 5)
+        for repeat in range(args.repeats):
+            for label in list(runs)[::1 if repeat % 2 == 0 else -1]:
+                net, optimizer = runs[label]
+                times[label].append(time_steps(net, optimizer, x, y, args.steps))
         base = statistics.median(times["adamw"])
         print(f"\n{name} ({params:,} parameters)")
         for label, values in times.items():
             median = statistics.median(values)
             print(f"  {label:30s} {median * 1e3:8.3f} ms/step   ratio {median / base:5.2f}")
         if args.profile:
-            optimizer = optimizers["ribbed (features every step)"]
+            net, optimizer = runs["ribbed (features every 10)"]
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                time_steps(model, optimizer, x, y, 10)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+                time_steps(net, optimizer, x, y, 20)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

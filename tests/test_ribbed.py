@@ -140,8 +140,10 @@ def test_hypergradient_matches_finite_differences():
 def test_state_dict_round_trip_continues_identically():
     batches = _batches(50)
     settings_ = {"chiral_gamma": 0.05, "routing_every": 7, "graph_every": 9, "feature_every": 2}
-    assert_resume_matches_uninterrupted(_mlp, lambda model: RIBBED(model, lr=1e-2, **settings_), _train,
-                                        batches, split=23)
+    _, resumed = assert_resume_matches_uninterrupted(
+        _mlp, lambda model: RIBBED(model, lr=1e-2, **settings_), _train, batches, split=23)
+    # the base's state is RIBBED's own (tools such as RigL's moment reset and memory accounting read it)
+    assert resumed.state is resumed.base.state and len(resumed.state) == len(list(_mlp().parameters()))
 
 
 def test_works_under_an_lr_scheduler():

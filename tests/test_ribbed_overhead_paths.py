@@ -3,7 +3,10 @@
 * the direct AdamW update (``ribbed.core.scaled_adamw``) against the generic copy + base step +
   lerp path, which any base other than a plain ``torch.optim.AdamW`` takes;
 * the shared per-neuron AdamW kernel against a plain per-parameter reference, in both modes
-  (folded scales for RIBBED, materialised directions for AdamHD).
+  (folded scales for RIBBED, materialised directions for AdamHD);
+* the chiral term's in-place scatter-adds against ``G + gamma J G`` with a dense ``J``;
+* the per-neuron features from norms and row products against the same quantities taken on
+  each neuron's concatenated (weight row, bias) vector.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from torch import nn
 
 from ribbed import RIBBED
 from ribbed.core import AdamHD
+from ribbed.core.chiral import ChiralTerm
+from ribbed.core.features import FEATURE_NAMES, neuron_features
+from ribbed.core.layers import find_neuron_layers
 from ribbed.core.scaled_adamw import scaled_adamw_, supports_scaled_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,3 +168,63 @@ def test_adam_hd_follows_its_update_rule_in_float64():
         previous = [(b - p) / (1e-2 * s) for b, p, s in zip(before, params, scales, strict=True)]
         for ours, theirs in zip(layer.parameters(), params, strict=True):
             torch.testing.assert_close(ours.detach(), theirs, **TIGHT)
+
+
+def _dense_skew(neighbours: torch.Tensor, n: int, ring: bool) -> torch.Tensor:
+    """``J = A - A^T`` as a dense matrix, ``A`` linking each neuron to its successor (ring) or to
+    each of its nearest neighbours."""
+    targets = neighbours[:, :1] if ring else neighbours
+    adjacency = torch.zeros(n, n, dtype=torch.float64)
+    adjacency[torch.arange(n).unsqueeze(1).expand_as(targets), targets] = 1.0
+    return adjacency - adjacency.T
+
+
+@pytest.mark.parametrize("graph", ["ring", "random", "knn"])
+@pytest.mark.parametrize("gamma", [0.3, -0.3])
+def test_chiral_application_is_g_plus_gamma_j_g(graph, gamma):
+    generator = torch.Generator().manual_seed(4)
+    layer = nn.Conv1d(3, 11, 2).double()
+    grads = (torch.randn(11, 3, 2, generator=generator, dtype=torch.float64),
+             torch.randn(11, generator=generator, dtype=torch.float64))
+    layer.weight.grad, layer.bias.grad = grads[0].clone(), grads[1].clone()
+    layers = find_neuron_layers(layer, set(layer.parameters()), hooks=False)
+    term = ChiralTerm(gamma, graph, neighbours=3)
+    term.refresh(layers, generator)
+    term.apply(layers)
+    skew = _dense_skew(term.structure[0], 11, ring=graph != "knn")
+    assert torch.count_nonzero(skew) > 0
+    for param, grad in zip((layer.weight, layer.bias), grads, strict=True):
+        rows = grad.reshape(11, -1)
+        expected = (rows + gamma * skew @ rows).view_as(grad)
+        torch.testing.assert_close(param.grad, expected, **TIGHT)
+
+
+def test_row_features_match_the_concatenated_neuron_vectors():
+    model = nn.Sequential(nn.Conv1d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6, 4)).double()
+    optimizer = RIBBED(model, lr=1e-2, feature_every=1)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        model(torch.randn(9, 2, 8, generator=generator, dtype=torch.float64)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model(torch.randn(9, 2, 8, generator=generator, dtype=torch.float64)).pow(2).mean().backward()
+    prev = dict(zip(optimizer.neuron_params, optimizer.prev, strict=True))
+    momentum = optimizer._momentum()
+    features, _ = neuron_features(optimizer.layers, prev, momentum, optimizer.surprise)
+
+    def neuron_rows(layer, tensors):
+        weight, bias = (tensors(p) for p in layer.params)
+        return torch.cat([weight.reshape(layer.n, -1), bias.unsqueeze(1)], 1)
+
+    expected = []
+    for layer in optimizer.layers:
+        g = neuron_rows(layer, lambda p: p.grad)
+        d = neuron_rows(layer, lambda p: p.detach() - prev[p])
+        w = neuron_rows(layer, lambda p: p.detach())
+        m = neuron_rows(layer, lambda p: momentum[p])
+        expected.append(torch.stack([g.norm(dim=1).log(), (d.norm(dim=1) / w.norm(dim=1)).log(),
+                                     nn.functional.cosine_similarity(g, m, eps=0),
+                                     nn.functional.cosine_similarity(g, d, eps=0)], 1))
+    names = ["log_grad_norm", "log_update_ratio", "momentum_agreement", "hypergradient"]
+    columns = [FEATURE_NAMES.index(name) for name in names]
+    torch.testing.assert_close(features[:, columns], torch.cat(expected).float(), rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ribbed.core.layers import NeuronLayer, row_dot, row_sq_norm
+from ribbed.core.layers import NeuronLayer, row_dot
 
 __all__ = ["FEATURE_NAMES", "FeatureNormalizer", "neuron_features"]
 
@@ -51,6 +51,15 @@ EPS = 1e-12
 def _grad(param: torch.nn.Parameter) -> torch.Tensor:
     """The gradient, or zeros for a parameter that took no part in this step's loss."""
     return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+def _row_sq(pair: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """Per-neuron squared norm of a (weight, bias) pair. ``vector_norm`` reads the rows once;
+    a dot product of the rows with themselves also writes and re-reads their product, and a
+    refresh takes four of these norms over every weight."""
+    weight, bias = pair
+    sq = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1).square()
+    return sq if bias is None else sq + bias.square()
 
 
 def _cos(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
@@ -75,11 +84,11 @@ def neuron_features(
         weight = (layer.weight, layer.bias)
         previous = layer.pair(prev)
         update = (weight[0] - previous[0], None if weight[1] is None else weight[1] - previous[1])
-        g_sq, d_sq, w_sq = row_sq_norm(grad), row_sq_norm(update), row_sq_norm(weight)
+        g_sq, d_sq, w_sq = _row_sq(grad), _row_sq(update), _row_sq(weight)
         hyper = _cos(row_dot(grad, update), g_sq, d_sq)
         if layer.weight in momentum:
             mom = (momentum[layer.weight], momentum.get(layer.bias) if layer.bias is not None else None)
-            agreement = _cos(row_dot(grad, mom), g_sq, row_sq_norm(mom))
+            agreement = _cos(row_dot(grad, mom), g_sq, _row_sq(mom))
         else:
             agreement = -hyper
         stats = layer.stats

@@ -266,6 +266,7 @@ class RIBBED(torch.optim.Optimizer):
         param_list = [p for group in self.base.param_groups for p in group["params"]]
         super().__init__(self.base.param_groups, self.base.defaults)
         self.param_groups = self.base.param_groups
+        self.state = self.base.state  # tools that reset or measure optimiser state see the base's
         self.model = model
         self.controllers_on = controllers
         self.feature_every, self.routing_every, self.graph_every = feature_every, routing_every, graph_every
@@ -567,7 +568,7 @@ class RIBBED(torch.optim.Optimizer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.base.load_state_dict(state["base"])
-        self.param_groups = self.base.param_groups
+        self.param_groups, self.state = self.base.param_groups, self.base.state
         self._step_count = state["step"]
         self.generator.set_state(state["generator"])
         if self.controllers_on:
