@@ -1,4 +1,5 @@
-"""Guided ES and selection: the estimator's expectation and variance, exact restoration, RIBBED use."""
+"""Guided ES and selection (controller banks, chirality signs): the estimator's expectation and
+variance, exact restoration, RIBBED use."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import torch
 from torch import nn
 
 from ribbed import RIBBED
+from ribbed.core.chiral import CHIRAL_GRAPHS, ChiralTerm, add_skew_, skew_apply
 from ribbed.core.evolution import (
     LossProbe,
     antithetic_estimate,
+    evolve_chirality,
     gaussian_mutation,
     guided_covariance,
     guided_perturbations,
     orthonormal_basis,
     select,
+    sign_flip_mutation,
 )
+from ribbed.core.layers import find_neuron_layers
 from ribbed.data import load_dataset
 from ribbed.optim import record_batch
 from ribbed.train import build_run, train
@@ -275,3 +280,204 @@ def test_every_research_piece_composes_with_density_and_grouping():
     assert {"es_cosine", "evolve_gain", "unrolled_loss"} <= telemetry.keys()
     assert any(key.startswith("density_") for key in telemetry)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- chirality signs
+
+
+def _chiral_setup(graph: str = "ring", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A three-layer MLP with random gradients and a refreshed chiral term (default signs)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 4)).to(dtype)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    layers = find_neuron_layers(model, set(model.parameters()), hooks=False)
+    term = ChiralTerm(0.4, graph, neighbours=3)
+    term.refresh(layers, torch.Generator().manual_seed(seed))
+    return model, layers, term
+
+
+def _rotated(layers, term, signs) -> list[torch.Tensor]:
+    """Each parameter's gradient after ``term`` with ``signs`` (the gradients are put back)."""
+    before = [p.grad.clone() for layer in layers for p in layer.params]
+    term.signs = signs
+    term.apply(layers)
+    after = [p.grad.clone() for layer in layers for p in layer.params]
+    for p, g in zip([p for layer in layers for p in layer.params], before, strict=True):
+        p.grad.copy_(g)
+    return after
+
+
+@pytest.mark.parametrize("graph", CHIRAL_GRAPHS)
+def test_default_signs_are_the_single_handed_term_bit_for_bit(graph):
+    _, layers, term = _chiral_setup(graph)
+    assert torch.equal(term.signs, torch.ones(3, dtype=torch.int8))
+    expected = []
+    for layer, neighbours in zip(layers, term.structure, strict=True):  # the term before per-layer signs
+        for p in layer.params:
+            rows = p.grad.clone().view(layer.n, -1)
+            expected.append(add_skew_(rows, rows.clone(), neighbours, graph != "knn", term.gamma).view_as(p))
+    assert all(torch.equal(a, b) for a, b in zip(_rotated(layers, term, term.signs), expected, strict=True))
+
+
+def test_a_negative_layer_sign_is_minus_gamma_for_that_layer_only():
+    _, layers, term = _chiral_setup()
+    mixed = _rotated(layers, term, torch.tensor([1, -1, 1], dtype=torch.int8))
+    plus = _rotated(layers, term, torch.ones(3, dtype=torch.int8))
+    term.gamma = -term.gamma
+    minus = _rotated(layers, term, torch.ones(3, dtype=torch.int8))
+    # two parameters (weight, bias) per layer: layer 1 is entries 2 and 3
+    assert all(torch.equal(mixed[i], (minus if i in (2, 3) else plus)[i]) for i in range(6))
+    assert not torch.equal(mixed[2], plus[2])  # guard: the flipped layer did change
+
+
+@pytest.mark.parametrize("graph", CHIRAL_GRAPHS)
+def test_mixed_signs_keep_the_term_orthogonal_to_the_gradient(graph):
+    for seed in range(5):
+        _, layers, term = _chiral_setup(graph, seed, torch.float64)
+        term.gamma = 1.0  # then the change of layer l's gradient is s_l J g
+        signs = torch.where(torch.rand(3, generator=torch.Generator().manual_seed(seed)) < 0.5, -1, 1)
+        after = _rotated(layers, term, signs.to(torch.int8))
+        for i, layer in enumerate(layers):
+            g = torch.cat([p.grad.reshape(layer.n, -1) for p in layer.params], 1)
+            change = torch.cat([after[2 * i + j].reshape(layer.n, -1) for j in range(2)], 1) - g
+            assert change.abs().max() > 0
+            assert abs(float((g * change).sum())) <= 1e-6 * float((g * g).sum())
+
+
+def _separable_target(model, layers, term, best_signs, lr):
+    """Parameters after an SGD step with ``best_signs`` (computed with ``skew_apply``): the loss
+    ``|theta - target|²`` is 0 for ``best_signs`` and grows with each layer of the other handedness."""
+    target = []
+    for layer, neighbours, sign in zip(layers, term.structure, best_signs.tolist(), strict=True):
+        for p in layer.params:
+            rows = p.grad.view(layer.n, -1)
+            rotated = rows + sign * term.gamma * skew_apply(rows, neighbours, ring=term.graph != "knn")
+            target.append((p.detach() - lr * rotated.view_as(p)).clone())
+    params = list(model.parameters())
+    return lambda: sum((p - t).pow(2).sum() for p, t in zip(params, target, strict=True))
+
+
+def test_sign_selection_never_accepts_worse_and_finds_the_better_handedness():
+    model, layers, term = _chiral_setup()
+    best = torch.tensor([1, -1, 1], dtype=torch.int8)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = _separable_target(model, layers, term, best, lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    previous = None
+    for _ in range(10):
+        with LossProbe(model, list(model.parameters()), loss) as probe:
+            result = evolve_chirality(term, layers, probe, sgd, sgd.step, population=3, generator=generator)
+        assert result.losses[result.winner] <= result.losses[0]
+        assert result.winner == 0 or result.losses[result.winner] < result.losses[0]
+        assert previous is None or result.losses[0] == previous  # the incumbent scores the same again
+        assert term.last["chiral_evolve_gain"] >= 0
+        previous = result.losses[result.winner]
+        if torch.equal(term.signs, best):
+            break
+    assert torch.equal(term.signs, best), term.signs
+    assert previous < 1e-10 and term.last["chiral_signs_positive_share"] == pytest.approx(2 / 3)
+
+
+def _state_copy(optimizer) -> tuple[dict, list[dict]]:
+    state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in optimizer.state.items()}
+    return state, [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("make_base, warm_steps", [
+    (lambda params: torch.optim.AdamW(params, lr=1e-2), 2),
+    (lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9), 0),  # the trial step creates the state
+])
+def test_sign_trials_restore_parameters_grads_and_base_state_and_the_winner_is_the_real_step(make_base, warm_steps):
+    model, layers, term = _chiral_setup()
+    base = make_base(model.parameters())
+    x, y = torch.randn(16, 5), torch.randint(0, 4, (16,))
+    for _ in range(warm_steps):
+        base.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        base.step()
+    base.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    params, groups = list(model.parameters()), base.param_groups
+    before, grads = [p.detach().clone() for p in params], [p.grad.clone() for p in params]
+    state, hyper = _state_copy(base)
+    state_tensors = {p: dict(s) for p, s in base.state.items()}
+
+    def loss():
+        return nn.functional.cross_entropy(model(x), y)
+
+    with LossProbe(model, params, loss) as probe:
+        result = evolve_chirality(term, layers, probe, base, base.step, population=5,
+                                  generator=torch.Generator().manual_seed(1))
+    assert probe.evaluations == 5
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
+    assert base.param_groups is groups and _state_copy(base)[1] == hyper
+    assert base.state.keys() == state.keys()
+    for p, saved in state.items():
+        assert base.state[p].keys() == saved.keys()
+        for key, value in saved.items():
+            assert torch.equal(base.state[p][key], value) and base.state[p][key] is state_tensors[p][key]
+    term.apply(layers)
+    base.step()
+    with torch.no_grad():
+        assert float(loss()) == result.losses[result.winner]
+
+
+def _plain_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def test_chirality_selection_in_ribbed_takes_the_winners_trial_step():
+    model = _plain_mlp()
+    optimizer = RIBBED(model, lr=1e-2, controllers=False, chiral_gamma=2.0, evolve_every=2, evolve_chirality=True,
+                       evolve_population=4)
+    flips = 0.0
+    for step, (x, y) in enumerate(_batches(12)):
+        closure = _closure(model, optimizer, nn.functional.cross_entropy, x, y)
+        optimizer.step(closure)
+        telemetry = optimizer.telemetry()
+        if step % 2 == 0:
+            with torch.no_grad():
+                assert float(closure()) == telemetry["chiral_evolve_loss"]
+            assert telemetry["chiral_evolve_gain"] >= 0
+            flips += telemetry["chiral_sign_flips"]
+    assert flips > 0  # guard: selection did change a handedness
+    assert telemetry["chiral_signs_positive_share"] == float((optimizer.chiral.signs > 0).double().mean())
+
+
+@pytest.mark.parametrize("controllers", [False, True])
+def test_state_dict_round_trip_with_chirality_selection(controllers):
+    settings = {"controllers": controllers, "chiral_gamma": 2.0, "evolve_every": 2, "evolve_chirality": True,
+                "evolve_population": 3, "feature_every": 3}
+
+    def make_optimizer(model):
+        optimizer = RIBBED(model, lr=1e-2, **settings)
+        torch.manual_seed(9)
+        return optimizer
+
+    whole, resumed = assert_resume_matches_uninterrupted(_plain_mlp, make_optimizer, _train_with_closure,
+                                                         _batches(12), split=5)
+    assert torch.equal(whole.chiral.signs, resumed.chiral.signs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"evolve_chirality": True, "chiral_gamma": 0.1}, r"evolve_chirality: got True with evolve_every=0; allowed"),
+    ({"evolve_chirality": True, "evolve_every": 2}, r"evolve_chirality: got True with chiral_gamma=0.0; allowed"),
+    ({"evolve_chirality": 1, "evolve_every": 2, "chiral_gamma": 0.1}, r"evolve_chirality: got 1; allowed: True or"),
+    ({"evolve_every": 2, "controllers": False, "chiral_gamma": 0.1}, r"evolve_every: got 2 .*allowed"),
+])
+def test_bad_chirality_settings_name_field_value_and_rule(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RIBBED(_mlp(), lr=1e-3, **kwargs)
+
+
+def test_bad_signs_and_flips_name_field_value_and_rule():
+    with pytest.raises(ValueError, match=r"chiral signs: got \[1, 0, -1\]; allowed: a 1-D tensor of \+1/-1"):
+        ChiralTerm(0.1, signs=torch.tensor([1, 0, -1]))
+    _, layers, _ = _chiral_setup()
+    with pytest.raises(ValueError, match=r"chiral signs: got \[1, -1\]; allowed: .*3 entries"):
+        ChiralTerm(0.1, signs=torch.tensor([1, -1])).refresh(layers, torch.Generator())
+    with pytest.raises(ValueError, match=r"max_flips: got 0; allowed: an integer >= 1"):
+        sign_flip_mutation(0)

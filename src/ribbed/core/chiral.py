@@ -21,6 +21,14 @@ Graphs (refreshed every ``refresh`` steps from the current weights):
 * ``random``: a ring over a random order: the topology-free control.
 
 ``gamma = 0`` leaves the gradient untouched (the term is skipped entirely).
+
+**Handedness per layer.** ``signs`` holds one ``±1`` per neuron layer; layer ``l`` gets
+``G <- G + s_l gamma J G``. All ``+1`` (the default) is the single-handed term, bit for bit
+(``gamma * 1`` is ``gamma``); ``s_l = -1`` flips that layer's handedness only. Since each
+``s_l gamma J`` is still skew-symmetric, ``gᵀ(s_l gamma J)g = 0`` holds for every sign vector.
+The signs are what :func:`ribbed.core.evolution.evolve_chirality` evolves: which way to turn
+is a per-layer choice that no gradient informs (``J`` leaves the first-order loss change
+unchanged), so it is settled by selection on the loss after a trial step.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch
 
 from ribbed.core.layers import NeuronLayer
 
-__all__ = ["CHIRAL_GRAPHS", "ChiralTerm", "add_skew_", "skew_apply"]
+__all__ = ["CHIRAL_GRAPHS", "ChiralTerm", "add_skew_", "check_signs", "skew_apply"]
 
 CHIRAL_GRAPHS = ("ring", "knn", "random")
 
@@ -70,20 +78,44 @@ def skew_apply(rows: torch.Tensor, neighbours: torch.Tensor, ring: bool) -> torc
     return add_skew_(torch.zeros_like(rows), rows, neighbours, ring, 1.0)
 
 
-class ChiralTerm:
-    """Adds ``gamma J G`` to every neuron layer's gradient (see the module docstring)."""
+def check_signs(signs: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
+    """``signs`` as a CPU ``int8`` vector after checking it is 1-D, all ``±1`` and (if given)
+    ``n_layers`` long; a ``ValueError`` names the field, the value and what is allowed."""
+    signs = torch.as_tensor(signs)
+    length = "" if n_layers is None else f", {n_layers} entries (one per neuron layer)"
+    if signs.dim() != 1 or not bool(((signs == 1) | (signs == -1)).all()) or (
+            n_layers is not None and len(signs) != n_layers):
+        raise ValueError(f"chiral signs: got {signs.tolist()!r}; allowed: a 1-D tensor of +1/-1{length}")
+    return signs.to("cpu", torch.int8)
 
-    def __init__(self, gamma: float, graph: str = "ring", neighbours: int = 4):
+
+class ChiralTerm:
+    """Adds ``s_l gamma J G`` to every neuron layer's gradient (see the module docstring).
+
+    Args:
+        gamma: strength; its sign is the handedness of every layer whose sign is ``+1``.
+        graph: ``ring``, ``knn`` or ``random``.
+        neighbours: ``k`` of the ``knn`` graph.
+        signs: ``±1`` per neuron layer (default: all ``+1``, set at the first :meth:`refresh`).
+    """
+
+    def __init__(self, gamma: float, graph: str = "ring", neighbours: int = 4,
+                 signs: torch.Tensor | None = None):
         if graph not in CHIRAL_GRAPHS:
             raise ValueError(f"chiral_graph: got {graph!r}; allowed: {', '.join(CHIRAL_GRAPHS)}")
         if neighbours < 1:
             raise ValueError(f"chiral_neighbours: got {neighbours}; allowed: an integer >= 1")
         self.gamma, self.graph, self.k = gamma, graph, neighbours
         self.structure: list[torch.Tensor] = []
+        self.signs: torch.Tensor | None = None if signs is None else check_signs(signs)
+        self.last: dict[str, float] = {}  # telemetry of the last sign selection
 
     def refresh(self, layers: list[NeuronLayer], generator: torch.Generator,
                 assignment: torch.Tensor | None = None) -> None:
-        """Rebuild each layer's graph from its current weights (and controller groups)."""
+        """Rebuild each layer's graph from its current weights (and controller groups); the
+        first call also sets the default signs (all ``+1``) or checks the given ones' length."""
+        self.signs = (torch.ones(len(layers), dtype=torch.int8) if self.signs is None
+                      else check_signs(self.signs, len(layers)))
         self.structure = []
         for layer in layers:
             rows = _rows_with_bias(layer)
@@ -107,18 +139,19 @@ class ChiralTerm:
                 self.structure.append(similarity.topk(k, dim=1).indices if k > 0 else None)
 
     def apply(self, layers: list[NeuronLayer]) -> None:
-        """``G <- G + gamma J G`` on every neuron layer's ``.grad``, in place.
+        """``G <- G + s_l gamma J G`` on every neuron layer's ``.grad``, in place.
 
         ``J`` acts along the neuron dimension, so the weight rows and the bias are rotated
         separately (no concatenated copy of the gradient); one copy of each keeps the rows read
-        apart from the rows written.
+        apart from the rows written. The signs are read as Python integers, so ``gamma * 1`` is
+        exactly ``gamma`` (the default is the single-handed term bit for bit).
         """
         ring = self.graph != "knn"
-        for layer, neighbours in zip(layers, self.structure, strict=True):
+        for layer, neighbours, sign in zip(layers, self.structure, self.signs.tolist(), strict=True):
             if neighbours is None:
                 continue
             for param in layer.params:
                 if param.grad is None:
                     continue
                 rows = param.grad.view(layer.n, -1)
-                add_skew_(rows, rows.clone(), neighbours, ring, self.gamma)
+                add_skew_(rows, rows.clone(), neighbours, ring, self.gamma * sign)

@@ -37,6 +37,10 @@ calibrated (the raw estimate's scale depends on ``beta``, ``n / k`` and ``P``).
 incumbent and ``P - 1`` mutants of a vector (a controller bank's parameters), each scored on
 the step's loss after a trial step; the best is kept, and a mutant replaces the incumbent
 only if strictly better, so selection never accepts a worse candidate than the incumbent.
+The same :func:`select` evolves the **chirality signs** (:func:`evolve_chirality`): candidates
+are ``±1`` vectors, one sign per layer's chiral term, mutated by flipping one or a few layers;
+each is scored by rotating the step's gradient with its ``J``, taking the real base step from
+the same starting state, and evaluating the loss there.
 
 Every evaluation goes through :class:`LossProbe`: it runs under ``torch.no_grad`` with the
 forward-hook recorders paused, gives every evaluation the same random-number state (common random
@@ -51,6 +55,7 @@ TensorFlow 1 notebook), and the pieces here are small; sampling, QR and the esti
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,6 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ribbed.core.chiral import ChiralTerm
 from ribbed.core.layers import NeuronLayer
 from ribbed.optim.batches import recorded_batches
 from ribbed.optim.functional import join_batches
@@ -66,10 +72,12 @@ __all__ = [
     "GradientHistory",
     "GuidedES",
     "LossProbe",
+    "OptimizerSnapshot",
     "Selection",
     "antithetic_estimate",
     "check_evolution_options",
     "evolve_bank",
+    "evolve_chirality",
     "gaussian_mutation",
     "guided_covariance",
     "guided_perturbations",
@@ -77,6 +85,7 @@ __all__ = [
     "orthonormal_basis",
     "paused",
     "select",
+    "sign_flip_mutation",
     "step_loss",
     "vector_loaded",
 ]
@@ -89,8 +98,14 @@ def _check(name: str, value, ok: bool, allowed: str) -> None:
 
 def check_evolution_options(*, es_every: int, es_population: int, es_sigma: float, es_alpha: float,
                             es_subspace: int, es_weight: float, evolve_every: int, evolve_population: int,
-                            evolve_sigma: float, controllers: bool) -> None:
-    """Validate RIBBED's guided-ES and selection options; errors name the field, value and rule."""
+                            evolve_sigma: float, controllers: bool, evolve_chirality: bool = False,
+                            chiral_gamma: float = 0.0) -> None:
+    """Validate RIBBED's guided-ES and selection options; errors name the field, value and rule.
+
+    Selection (``evolve_every``) needs something to evolve: the controller bank
+    (``controllers``), the chirality signs (``evolve_chirality``, which needs a chiral term,
+    ``chiral_gamma != 0``), or both.
+    """
     def integer(v, low):
         return isinstance(v, int) and v >= low
 
@@ -109,9 +124,18 @@ def check_evolution_options(*, es_every: int, es_population: int, es_sigma: floa
         ("evolve_sigma", evolve_sigma, number(evolve_sigma) and evolve_sigma > 0, "a number > 0"),
     ):
         _check(name, value, ok, allowed)
-    if evolve_every and not controllers:
-        raise ValueError(f"evolve_every: got {evolve_every!r} with controllers=False; allowed: 0 unless the "
-                         "controllers are on (selection evolves the controller bank)")
+    if not isinstance(evolve_chirality, bool):
+        raise ValueError(f"evolve_chirality: got {evolve_chirality!r}; allowed: True or False")
+    if evolve_chirality and not evolve_every:
+        raise ValueError(f"evolve_chirality: got True with evolve_every={evolve_every!r}; allowed: False unless "
+                         "evolve_every >= 1 (the signs are selected every evolve_every steps)")
+    if evolve_chirality and not chiral_gamma:
+        raise ValueError(f"evolve_chirality: got True with chiral_gamma={chiral_gamma!r}; allowed: False unless "
+                         "chiral_gamma != 0 (the signs are the chiral term's handedness per layer)")
+    if evolve_every and not (controllers or evolve_chirality):
+        raise ValueError(f"evolve_every: got {evolve_every!r} with controllers=False and evolve_chirality=False; "
+                         "allowed: 0 unless the controllers are on or evolve_chirality=True (selection evolves "
+                         "the controller bank and/or the chirality signs)")
 
 
 def step_loss(model: nn.Module, closure: Callable[[], torch.Tensor | float] | None,
@@ -194,10 +218,13 @@ class LossProbe:
         for p, g in zip(self.grad_owners, self.grads, strict=True):
             p.grad = g
 
-    def _evaluate(self) -> float:
+    def _reset_rng(self) -> None:
         torch.set_rng_state(self.cpu_state)
         for device, state in zip(self.devices, self.cuda_states, strict=True):
             torch.cuda.set_rng_state(state, device)
+
+    def _evaluate(self) -> float:
+        self._reset_rng()
         with paused(self.recorders), torch.no_grad():
             value = float(self.loss())
         self._restore_side_effects()
@@ -208,6 +235,15 @@ class LossProbe:
         """The loss with ``params`` set to ``values``."""
         with torch.no_grad():
             torch._foreach_copy_(self.params, values)
+        return self._evaluate()
+
+    def after(self, update: Callable[[], None]) -> float:
+        """The loss after ``update()`` (a trial optimiser step) moves ``params`` from their kept
+        values; ``update`` runs from the kept random state, like each evaluation."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.saved)
+        self._reset_rng()
+        update()
         return self._evaluate()
 
     def at_offset(self, offsets: list[torch.Tensor], sign: float = 1.0) -> float:
@@ -423,4 +459,110 @@ def evolve_bank(bank: nn.Module, multiplier_of: Callable[[], torch.Tensor], *, p
     result = select(incumbent, population, loss_of, gaussian_mutation(sigma), generator)
     with torch.no_grad():
         nn.utils.vector_to_parameters(result.vector, bank.parameters())
+    return result
+
+
+# ---------------------------------------------------------------------- chirality signs
+
+
+def _kept(value):
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
+def _put_back(target: dict, saved: dict, untouched: tuple[str, ...] = ()) -> None:
+    """Make ``target`` equal ``saved`` (a dict of kept values), writing tensors in place; keys
+    in ``untouched`` are left as they are."""
+    for key in [key for key in target if key not in saved and key not in untouched]:
+        del target[key]
+    for key, value in saved.items():
+        live = target.get(key)
+        if (isinstance(value, torch.Tensor) and isinstance(live, torch.Tensor) and live.shape == value.shape
+                and live.dtype == value.dtype and live.device == value.device):
+            live.copy_(value)
+        else:
+            target[key] = _kept(value)
+
+
+class OptimizerSnapshot:
+    """An optimiser's per-parameter ``state`` and its groups' hyperparameters, kept on creation
+    and put back exactly by :meth:`restore` (any number of times).
+
+    Restoring writes into the live tensors (``copy_``) and the live group dicts, and deletes
+    state a trial step created (lazily initialised moments, a first momentum buffer), rather than
+    ``load_state_dict``: that would replace the state tensors and the ``param_groups`` list,
+    which RIBBED shares with its base and which LR schedulers hold. State an optimiser keeps
+    outside ``state`` and ``param_groups`` (and any step hooks it fires) is not covered.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.state = {p: {k: _kept(v) for k, v in s.items()} for p, s in optimizer.state.items()}
+        self.groups = [{k: _kept(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+    def restore(self) -> None:
+        live = self.optimizer.state
+        for p in [p for p in live if p not in self.state]:
+            del live[p]
+        for p, saved in self.state.items():
+            _put_back(live[p], saved)
+        for group, saved in zip(self.optimizer.param_groups, self.groups, strict=True):
+            _put_back(group, saved, untouched=("params",))
+
+
+def sign_flip_mutation(max_flips: int = 2) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """``s -> s`` with ``k`` distinct random entries negated, ``k`` uniform in ``1..max_flips``
+    (at most the length): one or a few layers change handedness per mutant, so a mutant's
+    loss difference is attributable to few layers."""
+    if isinstance(max_flips, bool) or not isinstance(max_flips, int) or max_flips < 1:
+        raise ValueError(f"max_flips: got {max_flips!r}; allowed: an integer >= 1")
+
+    def mutate(signs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        k = int(torch.randint(1, min(max_flips, len(signs)) + 1, (1,), generator=generator))
+        flipped = signs.clone()
+        flipped[torch.randperm(len(signs), generator=generator)[:k]] *= -1
+        return flipped
+
+    return mutate
+
+
+def evolve_chirality(chiral: ChiralTerm, layers: list[NeuronLayer], probe: LossProbe,
+                     optimizer: torch.optim.Optimizer, update: Callable[[], None], *, population: int,
+                     generator: torch.Generator, max_flips: int = 2) -> Selection:
+    """Selection over the chiral term's per-layer signs; ``chiral.signs`` keeps the winner.
+
+    The incumbent and ``population - 1`` mutants (:func:`sign_flip_mutation`) are each scored
+    exactly as the step would run with them: the layers' gradients (before the chiral term) are
+    put back, the candidate's ``s_l gamma J`` is applied by ``chiral.apply``, ``update()`` (the
+    caller's base step, e.g. ``optimizer.step()``) runs from the kept parameters (``probe``,
+    entered, over every parameter ``update`` moves) and the kept ``optimizer`` state
+    (:class:`OptimizerSnapshot`), and ``probe`` evaluates the loss there. Afterwards the
+    gradients, the optimiser's state and (via ``probe``) the parameters are as on entry, so
+    applying the chiral term with the kept signs and stepping reproduces the winner's trial step
+    bit for bit. ``chiral.last`` reports the selection. Call it after ``chiral.refresh``
+    (which sets the graphs and the signs) and before the step's ``chiral.apply``.
+    """
+    grads = [p.grad for layer in layers for p in layer.params if p.grad is not None]
+    kept = [g.clone() for g in grads]
+    snapshot = OptimizerSnapshot(optimizer)
+
+    def loss_of(signs: torch.Tensor) -> float:
+        torch._foreach_copy_(grads, kept)
+        chiral.signs = signs
+        chiral.apply(layers)
+        try:
+            return probe.after(update)
+        finally:
+            snapshot.restore()
+
+    incumbent = chiral.signs.clone()
+    try:
+        result = select(incumbent, population, loss_of, sign_flip_mutation(max_flips), generator)
+    finally:
+        torch._foreach_copy_(grads, kept)
+        chiral.signs = incumbent
+    chiral.signs = result.vector
+    chiral.last = {"chiral_sign_flips": float((result.vector != incumbent).sum()),
+                   "chiral_signs_positive_share": float((result.vector > 0).double().mean()),
+                   "chiral_evolve_gain": result.losses[0] - result.losses[result.winner],
+                   "chiral_evolve_loss": result.losses[result.winner]}
     return result

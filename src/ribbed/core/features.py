@@ -75,36 +75,43 @@ def neuron_features(
     """Raw features ``[N, len(FEATURE_NAMES)]`` and the per-neuron hypergradient cosine ``[N]``.
 
     ``prev`` holds each parameter's value before the last step; ``momentum`` the base
-    optimiser's momentum buffers where it has them.
+    optimiser's momentum buffers where it has them. Only the gradient columns need each layer's
+    rows; the activation, surprise and depth columns are concatenated over layers once, so a
+    refresh runs a fixed number of small ops beyond the per-layer row norms.
     """
-    columns = []
+    gradient_columns = [_gradient_columns(layer, prev, momentum) for layer in layers]
+    device = gradient_columns[0].device
     depth_scale = max(1, len(layers) - 1)
-    for index, layer in enumerate(layers):
-        grad = (_grad(layer.weight), None if layer.bias is None else _grad(layer.bias))
-        weight = (layer.weight, layer.bias)
-        previous = layer.pair(prev)
-        update = (weight[0] - previous[0], None if weight[1] is None else weight[1] - previous[1])
-        g_sq, d_sq, w_sq = _row_sq(grad), _row_sq(update), _row_sq(weight)
-        hyper = _cos(row_dot(grad, update), g_sq, d_sq)
-        if layer.weight in momentum:
-            mom = (momentum[layer.weight], momentum.get(layer.bias) if layer.bias is not None else None)
-            agreement = _cos(row_dot(grad, mom), g_sq, _row_sq(mom))
-        else:
-            agreement = -hyper
-        stats = layer.stats
-        columns.append(torch.stack([
-            0.5 * torch.log(g_sq + EPS),
-            0.5 * torch.log((d_sq + EPS) / (w_sq + EPS)),
-            agreement,
-            hyper,
-            stats.mean.to(g_sq.device),
-            torch.log(stats.var.to(g_sq.device) + 1e-8),
-            stats.entropy.to(g_sq.device) / math.log(stats.bins),
-            surprise[layer.offset:layer.offset + layer.n].to(g_sq.device),
-            torch.full_like(g_sq, index / depth_scale),
-        ], dim=1))
-    features = torch.cat(columns).float()
+    sizes = [layer.n for layer in layers]
+    mean = torch.cat([layer.stats.mean.to(device) for layer in layers])
+    var = torch.cat([layer.stats.var.to(device) for layer in layers])
+    entropy = torch.cat([layer.stats.entropy.to(device) / math.log(layer.stats.bins) for layer in layers])
+    depth = torch.tensor([index / depth_scale for index in range(len(layers))], dtype=mean.dtype,
+                         device=device).repeat_interleave(torch.tensor(sizes, device=device))
+    features = torch.cat([
+        torch.cat(gradient_columns),
+        torch.stack([mean, torch.log(var + 1e-8), entropy, surprise.to(device), depth], dim=1),
+    ], dim=1).float()
     return features, features[:, FEATURE_NAMES.index("hypergradient")].clone()
+
+
+def _gradient_columns(layer: NeuronLayer, prev: dict[torch.nn.Parameter, torch.Tensor],
+                      momentum: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
+    """One layer's ``log_grad_norm``, ``log_update_ratio``, ``momentum_agreement`` and
+    ``hypergradient`` columns ``[n, 4]`` (the features that read the layer's weight rows)."""
+    grad = (_grad(layer.weight), None if layer.bias is None else _grad(layer.bias))
+    weight = (layer.weight, layer.bias)
+    previous = layer.pair(prev)
+    update = (weight[0] - previous[0], None if weight[1] is None else weight[1] - previous[1])
+    g_sq, d_sq, w_sq = _row_sq(grad), _row_sq(update), _row_sq(weight)
+    hyper = _cos(row_dot(grad, update), g_sq, d_sq)
+    if layer.weight in momentum:
+        mom = (momentum[layer.weight], momentum.get(layer.bias) if layer.bias is not None else None)
+        agreement = _cos(row_dot(grad, mom), g_sq, _row_sq(mom))
+    else:
+        agreement = -hyper
+    return torch.stack([0.5 * torch.log(g_sq + EPS), 0.5 * torch.log((d_sq + EPS) / (w_sq + EPS)), agreement, hyper],
+                       dim=1)
 
 
 class FeatureNormalizer:

@@ -63,22 +63,31 @@ class ActivationStats:
         """The output as ``[samples, n_neurons]`` (batch and spatial/time positions as samples)."""
         return output.detach().movedim(self.neuron_dim, -1).reshape(-1, output.shape[self.neuron_dim])
 
+    def neuron_major(self, output: torch.Tensor) -> torch.Tensor:
+        """The samples of :meth:`samples` as ``[n_neurons, samples]``, one contiguous row per
+        neuron (one copy). Per-neuron reductions then run along memory: over the columns of a
+        tall, narrow ``[samples, n]`` matrix (a convolution's ``batch * length`` positions of a
+        few channels) torch's CPU ``amin``/``var`` are ten to forty times slower."""
+        n = output.shape[self.neuron_dim]
+        return output.detach().movedim(self.neuron_dim, 0).reshape(n, -1).contiguous()
+
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
         if not self.recording or not module.training:
             return
-        x = self.samples(output).float()
+        x = self.neuron_major(output).float().t()
         if self.mean.device != x.device:
             self.mean, self.var, self.entropy = (t.to(x.device) for t in (self.mean, self.var, self.entropy))
-        mean, var = x.mean(0), x.var(0, unbiased=False)
+        # Two-pass variance: torch's single-pass (Welford) ``var`` is ~20x slower on CPU here, and
+        # the two-pass sum is as accurate in float32 (both within 2e-7 of float64).
+        mean = x.mean(0)
+        var = (x - mean).square_().mean(0)
         entropy = binned_entropy(x, self.bins)
+        running = [self.mean, self.var, self.entropy]
         if not self.seen:
-            self.mean.copy_(mean), self.var.copy_(var), self.entropy.copy_(entropy)
+            torch._foreach_copy_(running, [mean, var, entropy])
             self.seen = True
         else:
-            keep = self.momentum
-            self.mean.lerp_(mean, 1 - keep)
-            self.var.lerp_(var, 1 - keep)
-            self.entropy.lerp_(entropy, 1 - keep)
+            torch._foreach_lerp_(running, [mean, var, entropy], 1 - self.momentum)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "entropy": self.entropy, "seen": self.seen}
@@ -91,9 +100,9 @@ class ActivationStats:
 def bin_indices(samples: torch.Tensor, bins: int) -> torch.Tensor:
     """Bin of every entry of ``samples [S, n]``: ``bins`` equal bins between each column's min
     and max, as ``[S, n]`` integers in ``[0, bins)`` (a constant column falls in bin 0)."""
-    low = samples.min(0).values
-    span = (samples.max(0).values - low).clamp_min(1e-12)
-    return ((samples - low) / span * bins).long().clamp_(0, bins - 1)
+    low = samples.amin(0)
+    span = (samples.amax(0) - low).clamp_min_(1e-12)
+    return samples.sub(low).div_(span).mul_(bins).long().clamp_(0, bins - 1)
 
 
 def offset_counts(index: torch.Tensor, cells: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -33,7 +33,9 @@ Optional research pieces join the chain (all off by default): **guided ES**
 (``ribbed.core.evolution``, every ``es_every`` steps) blends a zeroth-order estimate of each
 layer's gradient into ``.grad`` after the controllers and before the chiral term;
 **selection** (``evolve_every``) scores mutants of the controller bank on the loss after the
-trial step each gives, after the base update and before the coupling is applied;
+trial step each gives, after the base update and before the coupling is applied (with
+``evolve_chirality``, also per-layer chirality signs, each scored by an exact trial step from
+the same base-optimiser state, before the chiral term);
 ``controller_training="unrolled"`` (``ribbed.core.unrolled``) trains the controllers from the
 meta-gradient of the loss ``unroll_steps`` base steps ahead instead of the one-step
 hypergradient. These evaluate the loss: call ``step(closure)`` or record the step's batch
@@ -69,6 +71,7 @@ from ribbed.core.evolution import (
     LossProbe,
     check_evolution_options,
     evolve_bank,
+    evolve_chirality,
     step_loss,
 )
 from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
@@ -172,6 +175,9 @@ class RIBBED(torch.optim.Optimizer):
         controller_training: ``hypergradient`` (online, one step) or ``unrolled`` (meta-gradient
             through ``unroll_steps`` functional base steps; SGD, Adam or AdamW bases).
         unroll_steps: ``T`` of the unrolled mode.
+        evolve_chirality: selection over the chiral term's per-layer handedness signs every
+            ``evolve_every`` steps (needs ``chiral_gamma != 0``; ``evolve_population`` candidates,
+            each scored on the loss after its trial base step; ``ribbed.core.evolution``).
         seed: seed of RIBBED's own randomness (controller init, clustering, graphs).
 
     Example:
@@ -227,6 +233,7 @@ class RIBBED(torch.optim.Optimizer):
         evolve_sigma: float = 0.05,
         controller_training: str = "hypergradient",
         unroll_steps: int = 3,
+        evolve_chirality: bool = False,
         seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
@@ -240,7 +247,8 @@ class RIBBED(torch.optim.Optimizer):
         check_evolution_options(es_every=es_every, es_population=es_population, es_sigma=es_sigma,
                                 es_alpha=es_alpha, es_subspace=es_subspace, es_weight=es_weight,
                                 evolve_every=evolve_every, evolve_population=evolve_population,
-                                evolve_sigma=evolve_sigma, controllers=controllers)
+                                evolve_sigma=evolve_sigma, controllers=controllers,
+                                evolve_chirality=evolve_chirality, chiral_gamma=chiral_gamma)
         check_unrolled_options(controller_training, unroll_steps, controllers)
         if not isinstance(density_every, int) or isinstance(density_every, bool) or density_every < 0:
             raise ValueError(f"density_every: got {density_every!r}; allowed: an integer >= 0 (0: off)")
@@ -300,7 +308,7 @@ class RIBBED(torch.optim.Optimizer):
                     merge_distance=merge_distance, split_spread=split_spread, seed=seed,
                 ).to(param_list[0].device if param_list else "cpu")
             trained = [*self.bank.parameters(), *(self.hierarchy.parameters() if grouping else ())]
-            self.controller_optimizer = torch.optim.Adam(trained, lr=controller_lr)
+            self.controller_optimizer = torch.optim.Adam(trained, lr=controller_lr, foreach=True)
             self.routing = OnlineKMeans(n_controllers, router=router)
             self.normalizer = FeatureNormalizer()
             self.neuron_params = [p for layer in self.layers for p in layer.params]
@@ -314,6 +322,7 @@ class RIBBED(torch.optim.Optimizer):
             self._set_recording(True)
         self.es_every, self.evolve_every = es_every, evolve_every
         self.evolve_population, self.evolve_sigma = evolve_population, evolve_sigma
+        self.evolve_chirality = evolve_chirality
         self.es = GuidedES(self.layers, population=es_population, sigma=es_sigma, alpha=es_alpha,
                            subspace=es_subspace, weight=es_weight) if es_every else None
         self.unrolled = (UnrolledTrainer(model, self.base, self.layers, unroll_steps, self._recorders())
@@ -341,6 +350,8 @@ class RIBBED(torch.optim.Optimizer):
             if self._step_count % self.graph_every == 0 or not self.chiral.structure:
                 assignment = self.routing.assignment if self.controllers_on else None
                 self.chiral.refresh(self.layers, self.generator, assignment)
+            if self.evolve_chirality and self._step_count % self.evolve_every == 0:
+                self._evolve_chirality(closure)
             self.chiral.apply(self.layers)
         direct = self.controllers_on and self._direct_update()
         if self.controllers_on and (not direct or (self._step_count + 1) % self.feature_every == 0):
@@ -479,6 +490,26 @@ class RIBBED(torch.optim.Optimizer):
         self._selection_telemetry = {"evolve_gain": result.losses[0] - result.losses[result.winner],
                                      "evolve_accepted": float(result.winner > 0)}
 
+    def _evolve_chirality(self, closure: Callable[[], float] | None) -> None:
+        """Selection over the chiral signs (``ribbed.core.evolution.evolve_chirality``), before
+        the chiral term is applied; each candidate's trial step is this step's update with the
+        current multipliers (the controller bank's own selection, if on, follows it)."""
+        owners = [p for group in self.param_groups for p in group["params"]]
+        with self._probe(closure, owners) as probe:
+            before = dict(zip(owners, probe.saved, strict=True))
+
+            def update() -> None:
+                if self.controllers_on and self._direct_update():
+                    scaled_adamw_step(self.base, self._neuron_scales())
+                    return
+                self.base.step()
+                if self.controllers_on and self._lerp_weights is not None:
+                    torch._foreach_lerp_(self.neuron_params, [before[p] for p in self.neuron_params],
+                                         self._lerp_weights)
+
+            evolve_chirality(self.chiral, self.layers, probe, self.base, update,
+                             population=self.evolve_population, generator=self.generator)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         if self.needs_batch:
@@ -518,7 +549,7 @@ class RIBBED(torch.optim.Optimizer):
     def telemetry(self) -> dict[str, float]:
         """Summary of the last controller refresh (multiplier, coupling, gate, surprise...) and
         of the last information-density measurement (``density_*`` keys)."""
-        research = {key: value for part in (self.es, self.unrolled) if part is not None for key, value in part.last.items()}
+        research = {key: value for part in (self.es, self.unrolled, self.chiral) if part is not None for key, value in part.last.items()}
         return {**self._telemetry, **(self.density.telemetry() if self.density is not None else {}),
                 **research, **self._selection_telemetry}
 
@@ -560,6 +591,7 @@ class RIBBED(torch.optim.Optimizer):
             state["hierarchy"] = self.hierarchy.state_dict()
         if self.chiral is not None:
             state["chiral"] = list(self.chiral.structure)
+            state["chiral_signs"] = None if self.chiral.signs is None else self.chiral.signs.clone()
         if self.es is not None:
             state["es"] = self.es.state_dict()
         if self.density is not None:
@@ -588,6 +620,7 @@ class RIBBED(torch.optim.Optimizer):
             self._set_recording(self._step_count % self.feature_every == 0)
         if self.chiral is not None:
             self.chiral.structure = list(state["chiral"])
+            self.chiral.signs = state.get("chiral_signs")  # absent in checkpoints from before per-layer signs
         if self.es is not None:
             self.es.load_state_dict(state["es"])
         if self.hierarchy is not None:
