@@ -160,3 +160,11 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert pixels.shape[:2] == (2000, 1280)
     non_white = (pixels < 0.95).any(axis=-1).mean()
     assert pixels.std() > 0.05 and non_white > 0.01
+
+
+def test_every_method_gets_its_own_colour_up_to_twenty():
+    from ribbed.report.plots import method_colors
+
+    for count in (1, 10, 12, 20):
+        colors = method_colors([f"method-{i}" for i in range(count)])
+        assert len(set(colors.values())) == count

@@ -32,7 +32,7 @@ from ribbed.experiments.harness import method_run_config, run_comparison
 from ribbed.experiments.studies import FigureSpec, StudyContext, StudyResult, Table, register_study
 from ribbed.memory.sweeps import attention_sweep, depth_sweep
 from ribbed.report import formatting as fmt
-from ribbed.report.plots import _draw_curve, method_colors
+from ribbed.report.plots import draw_curve, method_colors
 from ribbed.sparse import measure_semi_structured_linear
 
 __all__ = ["checkpoint_sparse", "moe_attention"]
@@ -80,7 +80,7 @@ def _curves_figure(summary: Mapping[str, Any], keys: Sequence[str], name: str) -
     for index, key in enumerate(keys):
         ax = figure.add_subplot(1, len(keys), index + 1)
         for method, runs in by_method.items():
-            _draw_curve(ax, key, runs, colors[method], method)
+            draw_curve(ax, key, runs, colors[method], method)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

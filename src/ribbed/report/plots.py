@@ -37,8 +37,9 @@ class Plot:
 
 
 def method_colors(methods: Sequence[str]) -> dict[str, Any]:
-    """A fixed colour per method, so a method looks the same in every figure."""
-    palette = colormaps["tab10"].colors
+    """A fixed colour per method, so a method looks the same in every figure: ``tab10`` for up
+    to ten methods, ``tab20`` (distinct up to twenty) beyond."""
+    palette = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
     return {method: palette[i % len(palette)] for i, method in enumerate(methods)}
 
 
@@ -59,7 +60,7 @@ def curves_plot(dataset: str, by_method: MethodRuns, colors: Mapping[str, Any]) 
     for index, key in enumerate(keys):
         ax = fig.add_subplot(nrows, ncols, index + 1)
         for method, runs in by_method.items():
-            _draw_curve(ax, key, runs, colors[method], _label(method))
+            draw_curve(ax, key, runs, colors[method], _label(method))
         ax.set_title(_label(key))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -171,7 +172,7 @@ def _curve_keys(by_method: MethodRuns) -> list[str]:
     return sorted(keys, key=lambda k: (not k.startswith("val_"), not k.startswith("train_")))
 
 
-def _draw_curve(ax: Axes, key: str, runs: Sequence[Mapping[str, Any]], color: Any, label: str) -> None:
+def draw_curve(ax: Axes, key: str, runs: Sequence[Mapping[str, Any]], color: Any, label: str) -> None:
     """Mean line and min–max band of ``key`` over completed runs, plus divergence markers."""
     by_step: dict[float, list[float]] = {}
     diverged_label = f"{label} diverged"
