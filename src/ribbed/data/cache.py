@@ -1,20 +1,21 @@
 """On-disk cache of arrays that are slow to build (generated or parsed datasets).
 
-Files are ``.npz`` archives written atomically: to a temporary file in the cache directory,
-then renamed over the target with ``os.replace``. Concurrent processes therefore see either
-no file or a complete one, never a half-written one.
+Files are ``.npz`` archives written atomically (``ribbed.runs.atomic``: a temporary file in
+the cache directory renamed over the target). Concurrent processes therefore see either no
+file or a complete one, never a half-written one.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import platformdirs
+
+from ribbed.runs.atomic import atomic_writer
 
 Arrays = dict[str, np.ndarray]
 
@@ -45,16 +46,8 @@ def cached_arrays(filename: str, build: Callable[[], Arrays]) -> Arrays:
 
 def save_arrays_atomically(path: Path, arrays: Arrays) -> None:
     """Write ``arrays`` to ``path`` as ``.npz`` so readers never see a partial file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary.open("xb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as file:
+        np.savez(file, **arrays)
 
 
 def _read_arrays(path: Path) -> Arrays | None:

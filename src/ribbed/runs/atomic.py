@@ -7,23 +7,29 @@ killed midway leaves at most a stray ``.<name>.*.tmp`` file, never a truncated t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _NEW_FILE_MODE = 0o644
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically.
+@contextlib.contextmanager
+def atomic_writer(path: Path | str) -> Iterator[BinaryIO]:
+    """A binary file handle whose contents replace ``path`` atomically when the block ends.
 
-    The parent directory must exist. An existing file keeps its permission bits; a new
-    one gets ``0o644`` (``mkstemp`` alone would leave it readable by the owner only).
+    If the block raises, the temporary file is removed and ``path`` is left as it was. The
+    parent directory must exist. An existing file keeps its permission bits; a new one gets
+    ``0o644`` (``mkstemp`` alone would leave it readable by the owner only).
 
     Example:
         >>> import tempfile, pathlib
         >>> target = pathlib.Path(tempfile.mkdtemp()) / "state.bin"
-        >>> atomic_write_bytes(target, b"\\x00\\x01")
+        >>> with atomic_writer(target) as handle:
+        ...     _ = handle.write(b"\\x00\\x01")
         >>> target.read_bytes()
         b'\\x00\\x01'
     """
@@ -32,7 +38,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
+            yield tmp
             tmp.flush()
             os.fsync(tmp.fileno())
         os.chmod(tmp_name, mode)
@@ -40,6 +46,12 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> None:

@@ -3,20 +3,20 @@
 A checkpoint is one ``torch.save`` file holding only tensors and plain containers (model,
 optimiser, scheduler and scaler states, RNG state, loop counters, metric history), so it
 loads with ``weights_only=True``: no arbitrary code runs when a checkpoint is opened. It is
-written to a temporary file and moved into place with ``os.replace``, so a process killed
-mid-write leaves the previous checkpoint intact, never a corrupt one. Final weights are also
+written atomically (``ribbed.runs.atomic``), so a process killed mid-write leaves the
+previous checkpoint intact, never a corrupt one. Final weights are also
 written as safetensors for use outside ribbed.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
+
+from ribbed.runs.atomic import atomic_write_bytes, atomic_writer
 
 __all__ = ["save_checkpoint", "load_checkpoint", "save_weights", "CheckpointError"]
 
@@ -29,16 +29,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Atomically write ``state`` (tensors and plain Python containers only) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -62,7 +54,4 @@ def save_weights(path: str | Path, model: torch.nn.Module) -> None:
             continue
         seen[key] = name
         tensors[name] = tensor.detach().contiguous().cpu()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, safetensors_bytes(tensors))
