@@ -1,4 +1,5 @@
-"""Shared pieces of the RIBBED test files: the resume-equals-uninterrupted check."""
+"""Shared pieces of the RIBBED test files: a small MLP, random batches, a plain training loop
+and the resume-equals-uninterrupted check."""
 
 from __future__ import annotations
 
@@ -7,6 +8,34 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+
+def mlp(seed: int = 0, width: int = 16) -> nn.Module:
+    """An 8-input, 3-class tanh MLP with two hidden layers, seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3))
+
+
+def random_batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of 32 random inputs with random labels."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+            for _ in range(n)]
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[float]:
+    """The plain ``torch.optim`` loop over ``batches``; returns the losses."""
+    losses = []
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def assert_resume_matches_uninterrupted(

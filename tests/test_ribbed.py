@@ -17,29 +17,14 @@ from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.layers import binned_entropy, find_neuron_layers, row_dot
 from ribbed.data import load_dataset
 from ribbed.train import build_run, train
-from tests.ribbed_helpers import assert_resume_matches_uninterrupted
+from tests.ribbed_helpers import (
+    assert_resume_matches_uninterrupted,
+    mlp,
+    random_batches,
+    train_steps,
+)
 
 ALL_OFF = {"controllers": False, "chiral_gamma": 0.0}
-
-
-def _mlp(seed: int = 0, width: int = 16) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3))
-
-
-def _batches(n: int, seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator))
-            for _ in range(n)]
-
-
-def _train(model, optimizer, batches, scheduler=None):
-    for x, y in batches:
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if scheduler is not None:
-            scheduler.step()
 
 
 @pytest.mark.parametrize("base, base_options, reference", [
@@ -47,20 +32,20 @@ def _train(model, optimizer, batches, scheduler=None):
     ("sgd", {"momentum": 0.9}, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True)),
 ])
 def test_all_components_off_is_the_base_optimizer_bit_for_bit(base, base_options, reference):
-    ours, theirs = _mlp(), _mlp()
-    batches = _batches(100)
-    _train(ours, RIBBED(ours, lr=1e-2, base=base, base_options=base_options, **ALL_OFF), batches)
-    _train(theirs, reference(theirs.parameters()), batches)
+    ours, theirs = mlp(), mlp()
+    batches = random_batches(100)
+    train_steps(ours, RIBBED(ours, lr=1e-2, base=base, base_options=base_options, **ALL_OFF), batches)
+    train_steps(theirs, reference(theirs.parameters()), batches)
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_components_on_change_the_trajectory():
     """Guard for the test above: with controllers on, RIBBED is not its base."""
-    ours, theirs = _mlp(), _mlp()
-    batches = _batches(30)
-    _train(ours, RIBBED(ours, lr=1e-2), batches)
-    _train(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=True), batches)
+    ours, theirs = mlp(), mlp()
+    batches = random_batches(30)
+    train_steps(ours, RIBBED(ours, lr=1e-2), batches)
+    train_steps(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=True), batches)
     assert any(not torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
 
 
@@ -99,20 +84,20 @@ def test_chiral_gamma_zero_and_the_two_handednesses():
 
 
 def test_chiral_zero_gamma_in_the_optimizer_is_plain_adamw():
-    ours, theirs = _mlp(), _mlp()
-    batches = _batches(20)
-    _train(ours, RIBBED(ours, lr=1e-2, controllers=False, chiral_gamma=0.0), batches)
-    _train(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=True), batches)
+    ours, theirs = mlp(), mlp()
+    batches = random_batches(20)
+    train_steps(ours, RIBBED(ours, lr=1e-2, controllers=False, chiral_gamma=0.0), batches)
+    train_steps(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=True), batches)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
-    chiral = _mlp()
-    _train(chiral, RIBBED(chiral, lr=1e-2, controllers=False, chiral_gamma=0.5), batches)
+    chiral = mlp()
+    train_steps(chiral, RIBBED(chiral, lr=1e-2, controllers=False, chiral_gamma=0.5), batches)
     assert any(not torch.equal(a, b) for a, b in zip(chiral.parameters(), theirs.parameters(), strict=True))
 
 
 def test_hypergradient_matches_finite_differences():
     """dL/dm_i at m = 1 for w = w_prev + m * d equals <g_i, d_i>, the signal controllers learn from."""
-    model = _mlp(width=6).double()
-    x, y = (t.double() if t.is_floating_point() else t for t in _batches(1)[0])
+    model = mlp(width=6).double()
+    x, y = (t.double() if t.is_floating_point() else t for t in random_batches(1)[0])
     optimizer = RIBBED(model, lr=0.05, max_multiplier=4.0)
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()
@@ -138,19 +123,19 @@ def test_hypergradient_matches_finite_differences():
 
 
 def test_state_dict_round_trip_continues_identically():
-    batches = _batches(50)
+    batches = random_batches(50)
     settings_ = {"chiral_gamma": 0.05, "routing_every": 7, "graph_every": 9, "feature_every": 2}
     _, resumed = assert_resume_matches_uninterrupted(
-        _mlp, lambda model: RIBBED(model, lr=1e-2, **settings_), _train, batches, split=23)
+        mlp, lambda model: RIBBED(model, lr=1e-2, **settings_), train_steps, batches, split=23)
     # the base's state is RIBBED's own (tools such as RigL's moment reset and memory accounting read it)
-    assert resumed.state is resumed.base.state and len(resumed.state) == len(list(_mlp().parameters()))
+    assert resumed.state is resumed.base.state and len(resumed.state) == len(list(mlp().parameters()))
 
 
 def test_works_under_an_lr_scheduler():
-    model = _mlp()
+    model = mlp()
     optimizer = RIBBED(model, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
-    _train(model, optimizer, _batches(12), scheduler)
+    train_steps(model, optimizer, random_batches(12), scheduler)
     assert optimizer.base.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
     assert optimizer.param_groups is optimizer.base.param_groups
 
@@ -189,7 +174,7 @@ def test_entropy_of_uniform_and_constant_activations():
 
 
 def test_bad_settings_name_the_field():
-    model = _mlp()
+    model = mlp()
     for kwargs, field in [({"n_controllers": 0}, "n_controllers"), ({"max_multiplier": 1.0}, "max_multiplier"),
                           ({"chiral_gamma": 0.1, "chiral_graph": "spiral"}, "chiral_graph"),
                           ({"feature_every": 0}, "feature_every"), ({"base": "nope"}, "nope")]:
@@ -207,10 +192,10 @@ def test_ribbed_trains_in_the_loop_from_config(tiny_config):
 def test_adam_hd_without_hypergradient_is_adamw_in_float64():
     from ribbed.core import AdamHD
 
-    ours, theirs = _mlp().double(), _mlp().double()
-    batches = [(x.double(), y) for x, y in _batches(25)]
-    _train(ours, AdamHD(ours, lr=1e-2, hypergrad_lr=0.0, weight_decay=0.01), batches)
-    _train(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.01), batches)
+    ours, theirs = mlp().double(), mlp().double()
+    batches = [(x.double(), y) for x, y in random_batches(25)]
+    train_steps(ours, AdamHD(ours, lr=1e-2, hypergrad_lr=0.0, weight_decay=0.01), batches)
+    train_steps(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.01), batches)
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -264,14 +249,14 @@ def test_ribbed_over_other_registry_optimizers(base):
     on it trains."""
     from ribbed.optim import build_optimizer
 
-    batches = _batches(15)
-    ours, theirs = _mlp(), _mlp()
-    _train(ours, RIBBED(ours, lr=1e-3, base=base, **ALL_OFF), batches)
-    _train(theirs, build_optimizer(base, theirs, lr=1e-3), batches)
+    batches = random_batches(15)
+    ours, theirs = mlp(), mlp()
+    train_steps(ours, RIBBED(ours, lr=1e-3, base=base, **ALL_OFF), batches)
+    train_steps(theirs, build_optimizer(base, theirs, lr=1e-3), batches)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
-    model = _mlp()
+    model = mlp()
     optimizer = RIBBED(model, lr=1e-3, base=base, feature_every=1)
     x, y = batches[0]
     before = nn.functional.cross_entropy(model(x), y).item()
-    _train(model, optimizer, [(x, y)] * 30)
+    train_steps(model, optimizer, [(x, y)] * 30)
     assert nn.functional.cross_entropy(model(x), y).item() < before

@@ -14,7 +14,7 @@ from ribbed.core.controllers import ControllerBank
 from ribbed.core.coupling import ROUTERS, build_router, nearest_centroid
 from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.routing import OnlineKMeans
-from tests.ribbed_helpers import assert_resume_matches_uninterrupted
+from tests.ribbed_helpers import assert_resume_matches_uninterrupted, train_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,17 +214,6 @@ def _batches(n: int, seed: int = 1):
     return [(x, y)] * n
 
 
-def _train(model, optimizer, batches) -> list[float]:
-    losses = []
-    for x, y in batches:
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
-
-
 SETTINGS = {"feature_every": 2, "routing_every": 4, "n_controllers": 4, "controller_lr": 3e-2}
 
 
@@ -232,7 +221,7 @@ SETTINGS = {"feature_every": 2, "routing_every": 4, "n_controllers": 4, "control
 def test_ribbed_trains_with_every_strategy(name):
     model = _mlp()
     optimizer = RIBBED(model, lr=1e-2, routing=name, routing_options=OPTIONS.get(name), **SETTINGS)
-    losses = _train(model, optimizer, _batches(50))
+    losses = train_steps(model, optimizer, _batches(50))
     assert losses[-1] < 0.6 * losses[0], losses[::10]
     assert optimizer.routing.assignment.shape == (optimizer.n_neurons,)
     assert len(set(optimizer.routing.assignment.tolist())) == 4
@@ -242,7 +231,7 @@ def test_ribbed_trains_with_every_strategy(name):
 def test_ribbed_state_dict_round_trip_with_each_strategy(name):
     batches = _batches(30)
     settings = {**SETTINGS, "routing": name, "routing_options": OPTIONS.get(name)}
-    assert_resume_matches_uninterrupted(_mlp, lambda model: RIBBED(model, lr=1e-2, **settings), _train,
+    assert_resume_matches_uninterrupted(_mlp, lambda model: RIBBED(model, lr=1e-2, **settings), train_steps,
                                         batches, split=13)
 
 
@@ -251,9 +240,9 @@ def test_sampled_ribbed_keeps_unsampled_multipliers_at_a_recoupling():
     optimizer = RIBBED(model, lr=1e-2, routing="sampled", routing_options={"fraction": 0.25},
                        feature_every=1, routing_every=3)
     batches = _batches(7)
-    _train(model, optimizer, batches[:6])
+    train_steps(model, optimizer, batches[:6])
     before = optimizer.multiplier.clone()
-    _train(model, optimizer, batches[6:])  # step 6: a re-clustering
+    train_steps(model, optimizer, batches[6:])  # step 6: a re-clustering
     coupled = optimizer.routing.coupled
     assert int(coupled.sum()) == -(-optimizer.n_neurons // 4)
     assert torch.equal(optimizer.multiplier[~coupled], before[~coupled])
@@ -264,6 +253,6 @@ def test_sampled_ribbed_keeps_unsampled_multipliers_at_a_recoupling():
 def test_all_components_off_is_adamw_bit_for_bit_with_any_strategy(name):
     ours, theirs = _mlp(), _mlp()
     batches = _batches(100)
-    _train(ours, RIBBED(ours, lr=1e-2, controllers=False, routing=name, routing_options=OPTIONS.get(name)), batches)
-    _train(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=True), batches)
+    train_steps(ours, RIBBED(ours, lr=1e-2, controllers=False, routing=name, routing_options=OPTIONS.get(name)), batches)
+    train_steps(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=True), batches)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))

@@ -11,42 +11,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
-from torch import nn
 
 from ribbed import RIBBED
 from ribbed.core.controllers import ControllerBank
 from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.hierarchy import ClusterHierarchy, ModulatorBank, WeightedKMeans
 from ribbed.core.routing import OnlineKMeans
-from tests.ribbed_helpers import assert_resume_matches_uninterrupted
+from tests.ribbed_helpers import (
+    assert_resume_matches_uninterrupted,
+    mlp,
+    random_batches,
+    train_steps,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F = len(FEATURE_NAMES)
 GROUPING = {"hierarchy_depth": 3, "hierarchy_branching": 2, "n_controllers": 6, "max_controllers": 8,
             "merge_distance": 1.5, "split_spread": 1.8, "feature_every": 2, "routing_every": 6}
-
-
-def _mlp(seed: int = 0, width: int = 16) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3))
-
-
-def _batches(n: int, seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator))
-            for _ in range(n)]
-
-
-def _train(model, optimizer, batches) -> list[float]:
-    losses = []
-    for x, y in batches:
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
 
 
 def _blobs(centres: torch.Tensor, per: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,13 +61,13 @@ def _bank(k: int) -> tuple[ControllerBank, torch.optim.Optimizer]:
 
 
 def test_depth_one_is_flat_routing_exactly():
-    batches = _batches(40)
+    batches = random_batches(40)
     runs = []
     for options in ({}, {"hierarchy_depth": 1, "hierarchy_branching": 3, "hierarchy_bound": 3.0,
                          "merge_distance": 0.0, "split_spread": None, "max_controllers": None}):
-        model = _mlp()
+        model = mlp()
         optimizer = RIBBED(model, lr=1e-2, feature_every=2, routing_every=5, **options)
-        _train(model, optimizer, batches)
+        train_steps(model, optimizer, batches)
         assert optimizer.hierarchy is None and optimizer.topology_log() == []
         assert "hierarchy" not in optimizer.state_dict()
         runs.append(list(model.parameters()))
@@ -96,13 +78,13 @@ def test_depth_two_is_flat_until_its_higher_controllers_first_learn():
     """Factors start at exactly 1 and the hierarchy draws from its own generator, so depth 2
     takes the flat run's steps until the first controller update (step ``feature_every``)
     changes the factors; from then on it differs."""
-    batches = _batches(3)
-    flat, deep = _mlp(), _mlp()
+    batches = random_batches(3)
+    flat, deep = mlp(), mlp()
     flat_opt = RIBBED(flat, lr=1e-2, feature_every=2)
     deep_opt = RIBBED(deep, lr=1e-2, feature_every=2, hierarchy_depth=2, hierarchy_branching=2)
     for step, batch in enumerate(batches):
-        _train(flat, flat_opt, [batch])
-        _train(deep, deep_opt, [batch])
+        train_steps(flat, flat_opt, [batch])
+        train_steps(deep, deep_opt, [batch])
         same = all(torch.equal(a, b) for a, b in zip(flat.parameters(), deep.parameters(), strict=True))
         assert same == (step < 2), step
 
@@ -263,7 +245,7 @@ def test_modulation_follows_its_training_signal():
 
 def test_state_dict_round_trip_continues_bit_for_bit():
     uninterrupted, optimizer = assert_resume_matches_uninterrupted(
-        _mlp, lambda model: RIBBED(model, lr=1e-2, **GROUPING), _train, _batches(50), split=27)
+        mlp, lambda model: RIBBED(model, lr=1e-2, **GROUPING), train_steps, random_batches(50), split=27)
     kinds = {event["kind"] for event in uninterrupted.topology_log()}
     assert {"merge", "split", "move"} <= kinds  # the run really evolves its topology
     assert optimizer.topology_log() == uninterrupted.topology_log()
@@ -271,11 +253,11 @@ def test_state_dict_round_trip_continues_bit_for_bit():
 
 
 def test_depth_three_trains_a_tiny_mlp_within_the_multiplier_bound():
-    x, y = _batches(1)[0]
-    model = _mlp()
+    x, y = random_batches(1)[0]
+    model = mlp()
     optimizer = RIBBED(model, lr=1e-2, **GROUPING)
     initial = [p.detach().clone() for p in optimizer.hierarchy.parameters()]
-    losses = _train(model, optimizer, [(x, y)] * 120)
+    losses = train_steps(model, optimizer, [(x, y)] * 120)
     assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
     assert any(not torch.equal(a, b) for a, b in zip(initial, optimizer.hierarchy.parameters(), strict=True))
     factor = optimizer.hierarchy.modulation()
@@ -291,7 +273,7 @@ def test_depth_three_trains_a_tiny_mlp_within_the_multiplier_bound():
 
 
 def test_bad_settings_name_the_field():
-    model = _mlp()
+    model = mlp()
     for kwargs, field in [({"hierarchy_depth": 0}, "hierarchy_depth"), ({"hierarchy_branching": 1}, "hierarchy_branching"),
                           ({"hierarchy_bound": 1.0}, "hierarchy_bound"), ({"merge_distance": -1.0}, "merge_distance"),
                           ({"split_spread": 0.0}, "split_spread"), ({"max_controllers": 2}, "max_controllers"),
