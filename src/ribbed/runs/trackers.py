@@ -86,7 +86,9 @@ class TensorBoardTracker:
 class MLflowTracker:
     """An MLflow run named after the record, in experiment ``ribbed``.
 
-    The tracking URI is ``$MLFLOW_TRACKING_URI`` if set, else ``file:<runs_dir>/mlruns``.
+    The tracking URI is ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<runs_dir>/mlflow.db``
+    (MLflow 3 refuses its old file store unless told otherwise; SQLite is its recommended local
+    backend, and concurrent runs share it safely).
     The config becomes flattened params (``optim.lr``), metrics become MLflow metrics.
     """
 
@@ -97,7 +99,7 @@ class MLflowTracker:
             from mlflow.tracking import MlflowClient
         except ImportError as error:
             raise TrackerUnavailable("mlflow", "mlflow") from error
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"file:{record.runs_dir / 'mlruns'}"
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{record.runs_dir / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(self.experiment)
         experiment_id = (
