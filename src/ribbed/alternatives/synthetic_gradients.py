@@ -58,6 +58,7 @@ class SyntheticGradients:
         self.conditioned = check_flag("conditioned", conditioned, "synthetic-gradients")
         self.predictor_lr = check_positive_number("predictor_lr", predictor_lr, "synthetic-gradients")
         self.predictors: nn.ModuleList | None = None
+        self._restored: dict | None = None  # a checkpoint's state, applied once predictors exist
 
     def attach(self, model: nn.Module) -> None:
         self.blocks, self.head = feedforward_parts(model, "synthetic-gradients")
@@ -71,6 +72,26 @@ class SyntheticGradients:
             nn.init.zeros_(predictor.weight)
             nn.init.zeros_(predictor.bias)
         self.optimizer = torch.optim.Adam(self.predictors.parameters(), lr=self.predictor_lr)
+        if self._restored is not None:
+            self.load_state_dict(self._restored)
+
+    def state_dict(self) -> dict:
+        """The predictors and their Adam state (empty before the first step builds them)."""
+        if self.predictors is None:
+            return {}
+        return {"predictors": self.predictors.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore predictors; before they are built (shapes come from the first batch), keep
+        the state until they are."""
+        if not state:
+            return
+        if self.predictors is None:
+            self._restored = state
+            return
+        self.predictors.load_state_dict(state["predictors"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._restored = None
 
     def _predict(self, outputs: list[torch.Tensor], labels: torch.Tensor | None) -> list[torch.Tensor]:
         predictions = []

@@ -25,7 +25,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class GradientMethod(Protocol):
-    """Accumulates gradients of ``loss_scale * loss(model(x), y)`` into ``param.grad``."""
+    """Accumulates gradients of ``loss_scale * loss(model(x), y)`` into ``param.grad``.
+
+    A method that learns something of its own (synthetic-gradient predictors) also has
+    ``state_dict()`` / ``load_state_dict(state)``; the loop keeps that state in checkpoints.
+    """
 
     def attach(self, model: nn.Module) -> None:
         """Called once before training (e.g. to create feedback matrices or hooks)."""

@@ -271,6 +271,8 @@ def train(
         strategy.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         parts.scheduler.load_state_dict(state["scheduler"])
         parts.precision.load_state_dict(state["scaler"])
+        if state.get("gradient_method") is not None:
+            parts.gradient_method.load_state_dict(state["gradient_method"])
         torch.set_rng_state(state["rng"])
         step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
         steps_to_target, seconds_to_target = state["steps_to_target"], state["seconds_to_target"]
@@ -358,6 +360,8 @@ def train(
                     "scheduler": parts.scheduler.state_dict(),
                     "scaler": parts.precision.state_dict(),
                     "plugins": [plugin.state_dict() for plugin in parts.plugins],
+                    "gradient_method": (parts.gradient_method.state_dict()
+                                        if hasattr(parts.gradient_method, "state_dict") else None),
                     "rng": torch.get_rng_state(),
                     "step": step,
                     "train_seconds": train_seconds,
