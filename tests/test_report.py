@@ -121,6 +121,8 @@ def test_markdown_has_command_table_and_plain_verdicts(report):
     assert "| Method | Dataset | n | Diverged | test_acc (mean ± 95% CI) |" in markdown
     assert re.search(r"^\|---(\|---)+\|$", markdown, flags=re.M)
     assert re.search(r"^\| adamw \| mnist1d/cnn1d \| 3 \| 0 \| 0\.935 ± 0\.012 \| 3/3 \|", markdown, flags=re.M)
+    assert re.search(r"^\| adamw \| mnist1d/cnn1d \| 3 \| 0 \| 0\.935 ± 0\.012 \| 3/3 \| \d+ ± \d+ \|", markdown,
+                     flags=re.M), "steps to target come with their interval"
     assert f"- {EVIL_ESCAPED} on {DATASET}: worse than adamw (p=" in markdown
 
 

@@ -110,6 +110,9 @@ def test_aggregate_counts_diverged_runs_without_averaging_them():
     assert row["std"] == pytest.approx(np.std(BASE, ddof=1))
     assert row["reached_target"] == "2/4"
     assert row["steps_to_target_mean"] == pytest.approx(200)
+    # two runs reached it (100, 300): mean ± t_{0.975, 1} * s / sqrt(2) with s = 141.4
+    half = scipy_stats.t.ppf(0.975, 1) * np.std([100, 300], ddof=1) / np.sqrt(2)
+    assert (row["steps_to_target_ci_low"], row["steps_to_target_ci_high"]) == pytest.approx((200 - half, 200 + half))
     assert row["seconds_to_target_mean"] == pytest.approx(2.0)
     json.dumps(row, allow_nan=False)
 

@@ -119,7 +119,8 @@ def aggregate(
 
     Returns:
         Rows in :func:`group_runs` order with keys ``method, dataset, n, n_diverged,
-        n_failed, metric, mean, ci_low, ci_high, std, steps_to_target_mean,
+        n_failed, metric, mean, ci_low, ci_high, std, steps_to_target_mean (and its 95% interval
+        over the runs that reached the target, steps_to_target_ci_low / _high),
         seconds_to_target_mean, reached_target, p_value, verdict``. Undefined numbers
         are ``None`` so rows serialise to strict JSON. ``verdict`` (one of
         :data:`VERDICTS`) is ``"baseline"``,
@@ -172,6 +173,7 @@ def _describe(runs: Sequence[Run], values: list[float], metric: str) -> dict[str
     mean, low, high = mean_ci(values) if values else (math.nan,) * 3
     reached = [r for r in runs if r["status"] == "completed" and r.get("steps_to_target") is not None]
     seconds = [r["seconds_to_target"] for r in reached if r.get("seconds_to_target") is not None]
+    _, steps_low, steps_high = mean_ci([r["steps_to_target"] for r in reached]) if reached else (math.nan,) * 3
     return {
         "n": len(values),
         "n_diverged": sum(r["status"] == "diverged" for r in runs),
@@ -182,6 +184,8 @@ def _describe(runs: Sequence[Run], values: list[float], metric: str) -> dict[str
         "ci_high": _finite_or_none(high),
         "std": _sample_std(values),
         "steps_to_target_mean": _mean_or_none([r["steps_to_target"] for r in reached]),
+        "steps_to_target_ci_low": _finite_or_none(steps_low),
+        "steps_to_target_ci_high": _finite_or_none(steps_high),
         "seconds_to_target_mean": _mean_or_none(seconds),
         "reached_target": f"{len(reached)}/{len(runs)}",
     }

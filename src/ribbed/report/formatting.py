@@ -44,9 +44,13 @@ def p_clause(p: float | None) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.2g}"
 
 
-def steps(x: float | None) -> str:
-    """A (mean) step count as a whole number."""
-    return MISSING if x is None else str(round(x))
+def steps(x: float | None, low: float | None = None, high: float | None = None) -> str:
+    """A (mean) step count as a whole number, ``± half-width`` when an interval is given."""
+    if x is None:
+        return MISSING
+    if low is None or high is None:
+        return str(round(x))
+    return f"{round(x)} ± {round((high - low) / 2)}"
 
 
 def seconds(x: float | None) -> str:

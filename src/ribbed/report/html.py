@@ -122,7 +122,7 @@ def _results(summary: Mapping[str, Any]) -> str:
         return "<h2>Final metrics</h2>\n" + _final_metrics(summary["runs"])
     metric = summary["primary_metric"]["name"]
     headers = ["Method", "Dataset", "Runs", f"{metric} (mean ± 95% CI)", "Reached target",
-               "Steps to target", "Seconds to target", f"p vs {summary['baseline']}", "Verdict"]
+               "Steps to target (mean ± 95% CI)", "Seconds to target", f"p vs {summary['baseline']}", "Verdict"]
     body = [
         [
             row["method"],
@@ -130,7 +130,8 @@ def _results(summary: Mapping[str, Any]) -> str:
             Cell(_run_counts(row), "num"),
             Cell(fmt.estimate(row["mean"], row["ci_low"], row["ci_high"]), "num"),
             Cell(str(row["reached_target"]) if summary.get("target") else fmt.MISSING, "num"),
-            Cell(fmt.steps(row["steps_to_target_mean"]), "num"),
+            Cell(fmt.steps(row["steps_to_target_mean"], row.get("steps_to_target_ci_low"),
+                           row.get("steps_to_target_ci_high")), "num"),
             Cell(fmt.seconds(row["seconds_to_target_mean"]), "num"),
             Cell(fmt.p_value(row["p_value"]), "num"),
             Cell(str(row["verdict"]), VERDICT_CLASSES.get(row["verdict"], "")),

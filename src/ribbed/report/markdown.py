@@ -44,12 +44,13 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
 def _aggregates_table(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     metric = summary["primary_metric"]["name"]
     headers = ["Method", "Dataset", "n", "Diverged", f"{metric} (mean ± 95% CI)", "Reached target",
-               "Steps to target", "Seconds to target", f"p vs {summary['baseline']}", "Verdict"]
+               "Steps to target (mean ± 95% CI)", "Seconds to target", f"p vs {summary['baseline']}", "Verdict"]
     body = [
         [row["method"], row["dataset"], row["n"], row["n_diverged"],
          fmt.estimate(row["mean"], row["ci_low"], row["ci_high"]),
          row["reached_target"] if summary.get("target") else fmt.MISSING,
-         fmt.steps(row["steps_to_target_mean"]),
+         fmt.steps(row["steps_to_target_mean"], row.get("steps_to_target_ci_low"),
+                   row.get("steps_to_target_ci_high")),
          fmt.seconds(row["seconds_to_target_mean"]), fmt.p_value(row["p_value"]), row["verdict"]]
         for row in rows
     ]
