@@ -173,7 +173,7 @@ def test_each_rank_holds_its_part_of_the_model(launched):
 
 def test_ribbed_controllers_are_identical_on_every_rank(launched):
     directory = launched[1]
-    rank0, rank1 = (torch.load(directory / f"rank{rank}.pt") for rank in (0, 1))
+    rank0, rank1 = (torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
     assert rank0["bank"].keys() == rank1["bank"].keys()
     for name, tensor in rank0["bank"].items():
         assert torch.equal(tensor, rank1["bank"][name]), name
