@@ -54,3 +54,14 @@ def tiny_dict(**sections) -> dict:
 def tiny_config():
     """Factory of tiny RunConfigs: ``tiny_config(train={"steps": 5})``."""
     return lambda **sections: RunConfig.model_validate(tiny_dict(**sections))
+
+
+class StopAfter:
+    """A training callback that interrupts the run after ``step`` steps, as a kill would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, step: int, loss: float) -> None:
+        if step > self.step:
+            raise KeyboardInterrupt

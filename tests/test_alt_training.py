@@ -9,6 +9,7 @@ import torch
 from ribbed.alternatives import gradient_cosine
 from ribbed.data import load_dataset
 from ribbed.train import build_run, train
+from tests.conftest import StopAfter
 
 # (gradient method, its options, model, model options, learning rate)
 METHODS = {
@@ -107,17 +108,6 @@ def test_every_method_of_the_presets_builds(preset, digits):
         assert [type(p).__name__ for p in parts.plugins] == ["GradientCosine"], name
 
 
-class _StopAfter:
-    """Interrupts training after ``step`` steps, as a killed process would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step(self, step: int, loss: float) -> None:
-        if step > self.step:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_resumes_from_a_checkpoint_exactly(tiny_config, digits, tmp_path, name):
     """Whatever a gradient method learns on the side (synthetic-gradient predictors, REINFORCE
@@ -129,7 +119,7 @@ def test_every_method_resumes_from_a_checkpoint_exactly(tiny_config, digits, tmp
     straight = train(build_run(config, digits), evaluate_test=False)
     record = create_run(tmp_path, name=name, config=config.model_dump(mode="json"))
     with pytest.raises(KeyboardInterrupt):
-        train(build_run(config, digits), record=record, callbacks=[_StopAfter(20)], evaluate_test=False)
+        train(build_run(config, digits), record=record, callbacks=[StopAfter(20)], evaluate_test=False)
     resumed = train(build_run(config, digits), record=record, resume=True, evaluate_test=False)
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b), name

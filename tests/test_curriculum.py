@@ -18,6 +18,7 @@ from ribbed.curriculum import (
 )
 from ribbed.data import Split, load_dataset
 from ribbed.train import build_run, build_sampler, train
+from tests.conftest import StopAfter
 
 PACING_NAMES = ["linear", "quadratic", "root", "geometric", "exponential", "logarithmic", "step"]
 
@@ -219,17 +220,6 @@ def test_bad_sampler_options_name_the_field(tokens, name, options, message):
         PacedSampler(tokens, batch_size=81, seed=0, device=torch.device("cpu"))
 
 
-class _StopAfter:
-    """A callback that interrupts training after ``step`` steps, as a kill would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step(self, step: int, loss: float) -> None:
-        if step > self.step:
-            raise KeyboardInterrupt
-
-
 def test_a_curriculum_run_trains_and_resumes_exactly(tiny_config, digits, tmp_path):
     from ribbed.runs import create_run
 
@@ -240,7 +230,7 @@ def test_a_curriculum_run_trains_and_resumes_exactly(tiny_config, digits, tmp_pa
     assert straight.final["val_acc"] > 0.6
     record = create_run(tmp_path, name="c", config=config.model_dump(mode="json"))
     with pytest.raises(KeyboardInterrupt):
-        train(build_run(config, digits), record=record, callbacks=[_StopAfter(20)])
+        train(build_run(config, digits), record=record, callbacks=[StopAfter(20)])
     resumed = train(build_run(config, digits), record=record, resume=True)
     assert resumed.final == straight.final
     assert [row["val_loss"] for row in resumed.history] == [row["val_loss"] for row in straight.history]

@@ -24,6 +24,7 @@ from ribbed.sparse import (
 )
 from ribbed.sparse.rigl import drop_and_grow
 from ribbed.train import build_run, train
+from tests.conftest import StopAfter
 
 load_extensions()
 OPTIMIZERS = sorted(list_optimizers())
@@ -230,15 +231,6 @@ def test_training_flops_of_an_mlp_match_the_matmul_count():
 # ---------------------------------------------------------------------- resume
 
 
-class _StopAfter:
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step(self, step: int, loss: float) -> None:
-        if step > self.step:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("sparse", [
     plugin("topk-grad", sparsity=0.9),
     plugin("rigl", sparsity=0.8, update_every=5),
@@ -250,7 +242,7 @@ def test_sparse_runs_resume_exactly(tiny_config, digits, tmp_path, sparse):
     straight = train(build_run(config, digits), evaluate_test=False)
     record = create_run(tmp_path, name="sparse", config=config.model_dump(mode="json"))
     with pytest.raises(KeyboardInterrupt):
-        train(build_run(config, digits), record=record, callbacks=[_StopAfter(10)])
+        train(build_run(config, digits), record=record, callbacks=[StopAfter(10)])
     resumed = train(build_run(config, digits), record=record, resume=True, evaluate_test=False)
     assert resumed.final == straight.final
     assert [row["val_loss"] for row in resumed.history] == [row["val_loss"] for row in straight.history]
