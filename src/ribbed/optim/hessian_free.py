@@ -249,19 +249,8 @@ class HessianFree(torch.optim.Optimizer):
         return 0.0
 
 
-@register_optimizer("hessian_free", "Hessian-free: CG on Gauss-Newton products with LM damping and CG backtracking (Martens 2010); needs train.gradient_method keep-batch")
-def build_hessian_free(
-    model: nn.Module,
-    lr: float,
-    damping: float = 1.0,
-    cg_max_iters: int = 50,
-    cg_tol: float = 5e-4,
-    warm_start: float = 0.95,
-    adapt_damping: bool = True,
-    backtrack: bool = True,
-    line_search: bool = True,
-) -> HessianFree:
-    """:class:`HessianFree` for ``model``."""
-    return HessianFree(model, lr=lr, damping=damping, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
-                       warm_start=warm_start, adapt_damping=adapt_damping, backtrack=backtrack,
-                       line_search=line_search)
+@register_optimizer("hessian_free", "Hessian-free: CG on Gauss-Newton products with LM damping and CG backtracking (Martens 2010); needs train.gradient_method keep-batch",
+                    signature_of=HessianFree)
+def build_hessian_free(model: nn.Module, lr: float, **options) -> HessianFree:
+    """:class:`HessianFree` for ``model`` (the options are its keyword arguments)."""
+    return HessianFree(model, lr=lr, **options)
