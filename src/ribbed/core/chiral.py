@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from ribbed.core.checks import check_integer
 from ribbed.core.layers import NeuronLayer
 
 __all__ = ["CHIRAL_GRAPHS", "ChiralTerm", "add_skew_", "check_signs", "skew_apply"]
@@ -103,8 +104,7 @@ class ChiralTerm:
                  signs: torch.Tensor | None = None):
         if graph not in CHIRAL_GRAPHS:
             raise ValueError(f"chiral_graph: got {graph!r}; allowed: {', '.join(CHIRAL_GRAPHS)}")
-        if neighbours < 1:
-            raise ValueError(f"chiral_neighbours: got {neighbours}; allowed: an integer >= 1")
+        check_integer("chiral_neighbours", neighbours)
         self.gamma, self.graph, self.k = gamma, graph, neighbours
         self.structure: list[torch.Tensor] = []
         self.signs: torch.Tensor | None = None if signs is None else check_signs(signs)

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ribbed.core.checks import check_integer, check_number
 from ribbed.core.features import FEATURE_NAMES
 from ribbed.registry import Registry
 
@@ -93,7 +94,7 @@ class Router(abc.ABC):
 
     def check(self, n_controllers: int) -> None:
         """Raise ``ValueError`` if this strategy cannot serve ``n_controllers`` controllers."""
-        _integer_field("n_controllers", n_controllers, 1)
+        check_integer("n_controllers", n_controllers)
 
     def prepare(self, centroids: torch.Tensor, generator: torch.Generator) -> None:
         """Index the controllers' keys ``[K, F]`` (called whenever they have moved)."""
@@ -141,20 +142,12 @@ def distance_to(points: torch.Tensor, centroids: torch.Tensor, assignment: torch
     return torch.linalg.vector_norm(points - centroids[assignment], dim=1)
 
 
-def _integer_field(field: str, value, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{field}: got {value!r}; allowed: an integer >= {low}")
-    return value
-
-
 def _integer(field: str, value, low: int) -> int:
-    return _integer_field(f"routing_options.{field}", value, low)
+    return check_integer(f"routing_options.{field}", value, low)
 
 
 def _positive(field: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"routing_options.{field}: got {value!r}; allowed: a number > 0")
-    return float(value)
+    return check_number(f"routing_options.{field}", value, "a number > 0", lambda v: v > 0)
 
 
 class DenseRouter(Router):

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ribbed.core.checks import check_integer
 from ribbed.core.layers import (
     NeuronLayer,
     bin_indices,
@@ -70,16 +71,10 @@ CORRECTIONS = ("miller-madow", "none")
 VALUE_NAMES = ("entropy", "hoyer", "mutual_information", "effective_rank")
 
 
-def _positive_int(field: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{field}: got {value!r}; allowed: an integer >= 1")
-    return value
-
-
 def check_density_options(bins: Any, max_samples: Any, correction: Any) -> None:
     """Raise a ValueError naming the first bad density option."""
-    _positive_int("bins", bins)
-    _positive_int("max_samples", max_samples)
+    check_integer("bins", bins)
+    check_integer("max_samples", max_samples)
     if correction not in CORRECTIONS:
         raise ValueError(f"correction: got {correction!r}; allowed: {', '.join(CORRECTIONS)}")
 
@@ -99,7 +94,7 @@ def binned_mutual_information(samples: torch.Tensor, labels: torch.Tensor, bins:
     Miller-Madow bias correction unless ``correction="none"`` (see the module docstring).
     """
     _check_samples(samples)
-    _positive_int("bins", bins)
+    check_integer("bins", bins)
     if correction not in CORRECTIONS:
         raise ValueError(f"correction: got {correction!r}; allowed: {', '.join(CORRECTIONS)}")
     if labels.shape != samples.shape[:1] or labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -320,7 +315,7 @@ class InformationDensityPlugin(TrainingPlugin):
 
     def __init__(self, every: int = 50, bins: int = 16, max_samples: int = 4096,
                  correction: str = "miller-madow"):
-        self.every = _positive_int("every", every)
+        self.every = check_integer("every", every)
         check_density_options(bins, max_samples, correction)
         self.options = {"bins": bins, "max_samples": max_samples, "correction": correction}
 

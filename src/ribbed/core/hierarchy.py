@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ribbed.core.checks import check_integer, check_number
 from ribbed.core.controllers import ControllerBank, gathered_mlp
 from ribbed.core.routing import OnlineKMeans, kmeans_plus_plus
 
@@ -75,23 +76,15 @@ def check_hierarchy_settings(*, depth: int, branching: int, bound: float, merge_
                              split_spread: float | None, max_controllers: int | None,
                              n_controllers: int) -> None:
     """Raise ``ValueError`` naming the field, the value and what is allowed."""
-    def integer(name: str, value: Any, low: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}: got {value!r}; allowed: an integer >= {low}")
-
-    def number(name: str, value: Any, allowed: str, ok) -> None:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
-            raise ValueError(f"{name}: got {value!r}; allowed: {allowed}")
-
-    integer("hierarchy_depth", depth, 1)
-    integer("hierarchy_branching", branching, 2)
-    number("hierarchy_bound", bound, "a number > 1", lambda v: v > 1)
-    number("merge_distance", merge_distance, "a finite number >= 0 (0: never merge)",
-           lambda v: 0 <= v < math.inf)
+    check_integer("hierarchy_depth", depth, 1)
+    check_integer("hierarchy_branching", branching, 2)
+    check_number("hierarchy_bound", bound, "a number > 1", lambda v: v > 1)
+    check_number("merge_distance", merge_distance, "a finite number >= 0 (0: never merge)",
+                 lambda v: 0 <= v < math.inf)
     if split_spread is not None:
-        number("split_spread", split_spread, "a number > 0, or None (never split)", lambda v: v > 0)
+        check_number("split_spread", split_spread, "a number > 0, or None (never split)", lambda v: v > 0)
     if max_controllers is not None:
-        integer("max_controllers", max_controllers, n_controllers)
+        check_integer("max_controllers", max_controllers, n_controllers)
 
 
 # ---------------------------------------------------------------------- cluster statistics

@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ribbed.core.checks import check_integer, check_number
 from ribbed.core.chiral import ChiralTerm
 from ribbed.core.controllers import PREDICTED, ControllerBank, ControllerOutputs
 from ribbed.core.coupling import build_router
@@ -88,13 +89,6 @@ __all__ = ["RIBBED"]
 _PREDICTED_INDEX = [FEATURE_NAMES.index(name) for name in PREDICTED]
 _SURPRISE_INDEX = FEATURE_NAMES.index("surprise")
 BaseSpec = str | type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
-
-
-def _positive(name: str, value: float, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-        allowed = "an integer >= 1" if integer else "a number > 0"
-        raise ValueError(f"{name}: got {value!r}; allowed: {allowed}")
 
 
 def _build_base(base: BaseSpec, model: nn.Module, params: list | None, lr: float,
@@ -241,24 +235,21 @@ class RIBBED(torch.optim.Optimizer):
         for name, value in (("n_controllers", n_controllers), ("controller_hidden", controller_hidden),
                             ("entropy_bins", entropy_bins), ("feature_every", feature_every),
                             ("routing_every", routing_every), ("graph_every", graph_every)):
-            _positive(name, value, integer=True)
-        _positive("lr", lr)
-        _positive("controller_lr", controller_lr)
+            check_integer(name, value)
+        check_number("lr", lr, "a number > 0", lambda v: v > 0)
+        check_number("controller_lr", controller_lr, "a number > 0", lambda v: v > 0)
         check_evolution_options(es_every=es_every, es_population=es_population, es_sigma=es_sigma,
                                 es_alpha=es_alpha, es_subspace=es_subspace, es_weight=es_weight,
                                 evolve_every=evolve_every, evolve_population=evolve_population,
                                 evolve_sigma=evolve_sigma, controllers=controllers,
                                 evolve_chirality=evolve_chirality, chiral_gamma=chiral_gamma)
         check_unrolled_options(controller_training, unroll_steps, controllers)
-        if not isinstance(density_every, int) or isinstance(density_every, bool) or density_every < 0:
-            raise ValueError(f"density_every: got {density_every!r}; allowed: an integer >= 0 (0: off)")
-        if not isinstance(density_reward, (int, float)) or isinstance(density_reward, bool) or density_reward < 0:
-            raise ValueError(f"density_reward: got {density_reward!r}; allowed: a number >= 0 (0: off)")
+        check_integer("density_every", density_every, 0, " (0: off)")
+        check_number("density_reward", density_reward, "a number >= 0 (0: off)", lambda v: v >= 0)
         if density_reward and not (controllers and density_every):
             raise ValueError(f"density_reward: got {density_reward!r} with controllers={controllers!r} and "
                              f"density_every={density_every!r}; allowed: 0 unless both are on")
-        if not isinstance(max_multiplier, (int, float)) or max_multiplier <= 1:
-            raise ValueError(f"max_multiplier: got {max_multiplier!r}; allowed: a number > 1")
+        check_number("max_multiplier", max_multiplier, "a number > 1", lambda v: v > 1)
         router = build_router(routing, routing_options)
         router.check(n_controllers)
         check_hierarchy_settings(depth=hierarchy_depth, branching=hierarchy_branching, bound=hierarchy_bound,

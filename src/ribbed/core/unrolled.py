@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
+from ribbed.core.checks import check_integer
 from ribbed.core.evolution import paused
 from ribbed.core.layers import NeuronLayer
 from ribbed.optim.batches import Batch, recorded_batches
@@ -59,8 +60,7 @@ def check_unrolled_options(controller_training: str, unroll_steps: int, controll
     """Validate RIBBED's ``controller_training`` and ``unroll_steps``; errors name field, value and rule."""
     if controller_training not in CONTROLLER_TRAINING:
         raise ValueError(f"controller_training: got {controller_training!r}; allowed: {', '.join(CONTROLLER_TRAINING)}")
-    if not isinstance(unroll_steps, int) or isinstance(unroll_steps, bool) or unroll_steps < 1:
-        raise ValueError(f"unroll_steps: got {unroll_steps!r}; allowed: an integer >= 1")
+    check_integer("unroll_steps", unroll_steps)
     if controller_training == "unrolled" and not controllers:
         raise ValueError("controller_training: got 'unrolled' with controllers=False; allowed: 'unrolled' only "
                          "with the controllers on")
