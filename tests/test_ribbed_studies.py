@@ -35,10 +35,11 @@ def test_metabp_dynamics_reports_every_variant_and_its_heatmaps(tmp_path):
                    {"dataset": "digits", "hidden": [16], "steps": 60, "seeds": 1, "snapshot_every": 20})
     assert [figure["alt"] for figure in summary["figures"]] == ["heatmaps", "variants"]
     rows = {row[0]: row for row in summary["tables"][0]["rows"]}
-    assert len(rows) == 4 and all(0.3 < row[1] <= 1 for row in rows.values())
+    assert len(rows) == 5 and all(0.3 < row[1] <= 1 for row in rows.values())
     assert rows["no coupling (lambda = 1)"][4] == 1.0, "coupling off means lambda = 1"
     assert rows["no self-supervision"][5] == 0.0, "no predictions, no surprise"
-    assert 0 < rows["full"][4] < 1 and rows["full"][5] > 0
+    assert 0 < rows["Meta-BP (linear objective)"][4] < 1 and rows["Meta-BP (linear objective)"][5] > 0
+    assert rows["residual (the default)"][4] == 1.0, "the residual objective has no lambda"
 
 
 def test_coupling_scaling_fits_slopes_and_dense_agrees_with_itself(tmp_path):

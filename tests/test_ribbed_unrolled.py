@@ -143,7 +143,7 @@ def test_unrolled_controllers_learn_the_right_direction_on_a_quadratic(lr, direc
         return 0.5 * (out - y).pow(2).sum()
 
     optimizer = RIBBED(layer, lr=lr, base="sgd", controller_lr=3e-2, activation_features=False, feature_every=1,
-                       self_supervision=False, controller_training="unrolled", unroll_steps=2)
+                       self_supervision=False, controller_training="unrolled", unroll_steps=2, objective="linear")
     for _ in range(40):
         loss_fn(layer(eye), target.T).backward()
         record_batch(layer, eye, target.T, loss_fn)

@@ -13,10 +13,11 @@ label, Hoyer sparsity, per-layer effective rank in the metrics rows) and ``ribbe
 from ribbed.core.density import InformationDensity
 from ribbed.core.hypergradient import AdamHD
 from ribbed.core.optimizer import RIBBED
+from ribbed.core.resets import Resetting
 from ribbed.core.structure import StructureAdaptation
 from ribbed.optim import register_optimizer
 
-__all__ = ["RIBBED", "AdamHD", "InformationDensity", "StructureAdaptation"]
+__all__ = ["RIBBED", "AdamHD", "InformationDensity", "Resetting", "StructureAdaptation"]
 
 
 @register_optimizer("ribbed", "RIBBED / Meta-BP: per-neuron controllers over a base optimiser (AdamW)",
@@ -29,3 +30,16 @@ def _build_ribbed(model, lr, **options) -> RIBBED:
                     signature_of=AdamHD)
 def _build_adam_hd(model, lr, **options) -> AdamHD:
     return AdamHD(model, lr, **options)
+
+
+@register_optimizer("continual-backprop", "AdamW with continual backprop's utility-driven neuron replacement "
+                    "(Dohare et al., Nature 2024)", signature_of=Resetting)
+def _build_continual_backprop(model, lr, **options) -> Resetting:
+    return Resetting(model, lr, **options)
+
+
+@register_optimizer("redo", "AdamW that re-initialises dormant neurons (ReDo, Sokar et al., ICML 2023)",
+                    signature_of=Resetting)
+def _build_redo(model, lr, **options) -> Resetting:
+    settings = {"reset_rate": 0.0, "reset_threshold": 0.1, "reset_every": 1000, "utility": "activity"}
+    return Resetting(model, lr, **{**settings, **options})

@@ -21,13 +21,21 @@ Each step runs a fixed chain of small pieces, each switchable off:
    re-clusters their centroids into ``hierarchy_depth - 1`` higher levels, logged in
    :meth:`RIBBED.topology_log`;
 3. **controllers** (``ribbed.core.controllers``): a bank of tiny MLPs gives each neuron a step
-   multiplier (explore/exploit heads mixed by a stability gate) and a coupling strength,
-   trained online from each neuron's one-step hypergradient, plus self-supervised predictions
-   of its next statistics whose error ("surprise") feeds back as a feature; higher-level
-   controllers multiply the multipliers of whole clusters;
-4. **coupling**: the applied update is ``(1 - lambda) d_base + lambda s d_base`` per neuron;
+   multiplier, by default a bounded residual ``exp(delta - mean_layer(delta))`` on the base rule
+   (identity at the start and while frozen) trained on each neuron's long-horizon meta-gradient
+   (``ribbed.core.signals``: an eligibility trace, MetaOptimize's Hessian-free form) with a
+   quadratic penalty that keeps it interior; ``objective="linear"`` is the first design
+   (explore/exploit heads mixed by a stability gate, a coupling strength, the one-step
+   hypergradient cosine), kept as an ablation. The controllers also make self-supervised
+   predictions of each neuron's next statistics whose error ("surprise") feeds back as a
+   feature; higher-level controllers multiply the multipliers of whole clusters;
+4. **coupling** (``linear`` only): the applied update is ``(1 - lambda) d_base + lambda s d_base``
+   per neuron;
 5. **chiral term** (``ribbed.core.chiral``): ``G <- G + gamma J G`` on the gradients;
-6. **base update**: the wrapped optimiser's own ``step()``.
+6. **base update**: the wrapped optimiser's own ``step()``;
+7. **resets** (``ribbed.core.resets``, off by default): neurons whose contribution utility stays
+   low are re-initialised at a controlled rate (``reset_rate``, continual backprop) or when
+   dormant (``reset_threshold``, ReDo), with fresh optimiser state for their entries.
 
 Optional research pieces join the chain (all off by default): **guided ES**
 (``ribbed.core.evolution``, every ``es_every`` steps) blends a zeroth-order estimate of each
@@ -55,6 +63,7 @@ The learning rate and every other hyperparameter live in the base optimiser's
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -64,7 +73,7 @@ from torch import nn
 
 from ribbed.core.checks import check_integer, check_number
 from ribbed.core.chiral import ChiralTerm
-from ribbed.core.controllers import PREDICTED, ControllerBank, ControllerOutputs
+from ribbed.core.controllers import OBJECTIVES, PREDICTED, ControllerBank, ControllerOutputs
 from ribbed.core.coupling import build_router
 from ribbed.core.density import InformationDensity
 from ribbed.core.evolution import (
@@ -78,8 +87,10 @@ from ribbed.core.evolution import (
 from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
 from ribbed.core.hierarchy import ClusterHierarchy, check_hierarchy_settings
 from ribbed.core.layers import NeuronLayer, find_neuron_layers
+from ribbed.core.resets import NeuronResets, check_reset_options
 from ribbed.core.routing import OnlineKMeans
 from ribbed.core.scaled_adamw import scaled_adamw_step, supports_scaled_step
+from ribbed.core.signals import SIGNALS, StepSizeSignal
 from ribbed.core.unrolled import UnrolledTrainer, check_unrolled_options
 from ribbed.optim.batches import expect_batches, forget_batches
 from ribbed.optim.functional import closure_loss
@@ -120,10 +131,24 @@ class RIBBED(torch.optim.Optimizer):
         controllers: learn per-neuron step multipliers (off: every multiplier is 1).
         n_controllers: controllers in the bank (neuron groups).
         controller_hidden: hidden width of each controller MLP.
-        controller_lr: Adam learning rate of the controllers.
-        max_multiplier: bound ``M`` of a step head: multipliers lie in ``[1/M, M]``.
-        contextual_heads: explore/exploit heads mixed by a stability gate (off: one head).
-        coupling: learn the Meta-BP coupling strength lambda (off: lambda = 1).
+        controller_lr: Adam learning rate of the controllers (0: frozen; with the ``residual``
+            objective every multiplier then stays 1 and RIBBED is its base bit for bit).
+        max_multiplier: bound ``M`` of a step head: multipliers lie in ``[1/M, M]`` (``residual``:
+            the bound of the log-multiplier before centring per layer is ``log M``).
+        objective: ``residual`` (a bounded, layer-centred residual trained on ``signal`` with
+            a quadratic penalty) or ``linear`` (the first design: heads, coupling, and the loss
+            ``mean(cos * m)``, which drives multipliers to a bound); ``ribbed.core.controllers``.
+        signal: what ``residual`` controllers learn from (``ribbed.core.signals``): ``trace``
+            (a discounted eligibility trace of past updates, long horizon) or ``one-step``
+            (the last update's hypergradient).
+        trace_discount: discount of the trace per refresh, in ``[0, 1]``.
+        signal_smoothing: per-neuron EMA factor of the normalised signal, in ``[0, 1)``.
+        multiplier_penalty: weight of the quadratic penalty on the centred log-multiplier
+            (``residual``); the optimum is ``delta = -signal / multiplier_penalty``.
+        contextual_heads: explore/exploit heads mixed by a stability gate (off: one head;
+            default on for ``linear``, unavailable for ``residual``).
+        coupling: learn the Meta-BP coupling strength lambda (off: lambda = 1; default on for
+            ``linear``, unavailable for ``residual``).
         self_supervision: predict next-step statistics; their error is the surprise feature.
         self_supervision_weight: weight of the prediction loss in the controller loss.
         activation_features: record activation mean/variance/entropy with forward hooks.
@@ -172,7 +197,17 @@ class RIBBED(torch.optim.Optimizer):
         evolve_chirality: selection over the chiral term's per-layer handedness signs every
             ``evolve_every`` steps (needs ``chiral_gamma != 0``; ``evolve_population`` candidates,
             each scored on the loss after its trial base step; ``ribbed.core.evolution``).
-        seed: seed of RIBBED's own randomness (controller init, clustering, graphs).
+        reset_rate: fraction of each layer's neurons re-initialised per step, lowest
+            contribution utility first (``ribbed.core.resets``; 0: no rate limit).
+        reset_threshold: re-initialise only neurons whose utility over the layer mean is at most
+            this (ReDo's dormancy; None: any mature neuron, at the rate). Resets are on when
+            ``reset_rate > 0`` or a threshold is given.
+        reset_maturity: steps a neuron lives before it can be reset.
+        reset_every: check for resets every this many steps.
+        reset_utility: ``contribution`` (mean |activation| times outgoing weight size, continual
+            backprop) or ``activity`` (mean |activation|, ReDo).
+        utility_decay: EMA factor of the utility per training forward pass.
+        seed: seed of RIBBED's own randomness (controller init, clustering, graphs, resets).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -194,8 +229,13 @@ class RIBBED(torch.optim.Optimizer):
         controller_hidden: int = 16,
         controller_lr: float = 1e-2,
         max_multiplier: float = 4.0,
-        contextual_heads: bool = True,
-        coupling: bool = True,
+        objective: str = "residual",
+        signal: str = "trace",
+        trace_discount: float = 0.9,
+        signal_smoothing: float = 0.9,
+        multiplier_penalty: float = 1.0,
+        contextual_heads: bool | None = None,
+        coupling: bool | None = None,
         self_supervision: bool = True,
         self_supervision_weight: float = 0.1,
         activation_features: bool = True,
@@ -228,6 +268,12 @@ class RIBBED(torch.optim.Optimizer):
         controller_training: str = "hypergradient",
         unroll_steps: int = 3,
         evolve_chirality: bool = False,
+        reset_rate: float = 0.0,
+        reset_threshold: float | None = None,
+        reset_maturity: int = 100,
+        reset_every: int = 1,
+        reset_utility: str = "contribution",
+        utility_decay: float = 0.99,
         seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
@@ -237,7 +283,19 @@ class RIBBED(torch.optim.Optimizer):
                             ("routing_every", routing_every), ("graph_every", graph_every)):
             check_integer(name, value)
         check_number("lr", lr, "a number > 0", lambda v: v > 0)
-        check_number("controller_lr", controller_lr, "a number > 0", lambda v: v > 0)
+        check_number("controller_lr", controller_lr, "a number >= 0 (0: frozen)", lambda v: v >= 0)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: got {objective!r}; allowed: one of {', '.join(OBJECTIVES)}")
+        if signal not in SIGNALS:
+            raise ValueError(f"signal: got {signal!r}; allowed: one of {', '.join(SIGNALS)}")
+        check_number("trace_discount", trace_discount, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        check_number("signal_smoothing", signal_smoothing, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        check_number("multiplier_penalty", multiplier_penalty, "a number > 0", lambda v: v > 0)
+        contextual_heads = objective == "linear" if contextual_heads is None else contextual_heads
+        coupling = objective == "linear" if coupling is None else coupling
+        check_reset_options(reset_rate=reset_rate, reset_threshold=reset_threshold, reset_maturity=reset_maturity,
+                            reset_every=reset_every, utility_decay=utility_decay, utility=reset_utility)
+        resets = reset_rate > 0 or reset_threshold is not None
         check_evolution_options(es_every=es_every, es_population=es_population, es_sigma=es_sigma,
                                 es_alpha=es_alpha, es_subspace=es_subspace, es_weight=es_weight,
                                 evolve_every=evolve_every, evolve_population=evolve_population,
@@ -276,7 +334,7 @@ class RIBBED(torch.optim.Optimizer):
         hooks = controllers and activation_features
         self.layers: list[NeuronLayer] = (
             find_neuron_layers(model, optimised, bins=entropy_bins, hooks=hooks)
-            if controllers or self.chiral or density_every or es_every else []
+            if controllers or self.chiral or density_every or es_every or resets else []
         )
         self.n_neurons = sum(layer.n for layer in self.layers)
         self._step_count = 0
@@ -289,9 +347,11 @@ class RIBBED(torch.optim.Optimizer):
         if controllers:
             self.bank = ControllerBank(
                 max_controllers or n_controllers, hidden=controller_hidden, max_multiplier=max_multiplier,
-                contextual_heads=contextual_heads, coupling=coupling,
-                self_supervision=self_supervision, generator=self.generator,
+                contextual_heads=contextual_heads, coupling=coupling, self_supervision=self_supervision,
+                objective=objective, generator=self.generator,
             ).to(param_list[0].device if param_list else "cpu")
+            self.bank.set_layers(torch.cat([torch.full((layer.n,), index) for index, layer in enumerate(self.layers)])
+                                 .to(param_list[0].device if param_list else "cpu"))
             if grouping:
                 self.hierarchy = ClusterHierarchy(
                     len(FEATURE_NAMES), max_controllers or n_controllers, depth=hierarchy_depth,
@@ -304,8 +364,11 @@ class RIBBED(torch.optim.Optimizer):
             self.normalizer = FeatureNormalizer()
             self.neuron_params = [p for layer in self.layers for p in layer.params]
             self.prev = [p.detach().clone() for p in self.neuron_params]
+            self.objective, self.multiplier_penalty = objective, multiplier_penalty
+            self.signal = (StepSizeSignal(self.layers, kind=signal, discount=trace_discount,
+                                          smoothing=signal_smoothing) if objective == "residual" else None)
             self.surprise = torch.zeros(self.n_neurons)
-            self.multiplier = torch.ones(self.n_neurons)
+            self._set_multiplier(torch.ones(self.n_neurons))
             self._lerp_weights: list[torch.Tensor] | None = None
             self._scales: tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]] | None = None
             self._pending: tuple[torch.Tensor, ...] | None = None
@@ -319,6 +382,9 @@ class RIBBED(torch.optim.Optimizer):
         self.unrolled = (UnrolledTrainer(model, self.base, self.layers, unroll_steps, self._recorders())
                          if controller_training == "unrolled" else None)
         self._selection_telemetry: dict[str, float] = {}
+        self.resets = (NeuronResets(self.layers, self.base, reset_rate=reset_rate, reset_threshold=reset_threshold,
+                                    reset_maturity=reset_maturity, reset_every=reset_every,
+                                    utility_decay=utility_decay, utility=reset_utility) if resets else None)
         self.needs_batch = bool(es_every or evolve_every or self.unrolled)  # the loop then requires keep-batch
         if self.needs_batch:
             expect_batches(model)
@@ -344,21 +410,42 @@ class RIBBED(torch.optim.Optimizer):
             if self.evolve_chirality and self._step_count % self.evolve_every == 0:
                 self._evolve_chirality(closure)
             self.chiral.apply(self.layers)
-        direct = self.controllers_on and self._direct_update()
+        direct = self.controllers_on and not self._identity and self._direct_update()
         if self.controllers_on and (not direct or (self._step_count + 1) % self.feature_every == 0):
             torch._foreach_copy_(self.prev, self.neuron_params)
         if direct:
             scaled_adamw_step(self.base, self._neuron_scales())
         else:
             self.base.step()
-        if self.controllers_on and self._lerp_weights is not None and not direct:
+        if self.controllers_on and self._lerp_weights is not None and not direct and not self._identity:
             if self.evolve_every and self._step_count % self.evolve_every == 0:
                 self._evolve_controllers(closure)
             torch._foreach_lerp_(self.neuron_params, self.prev, self._lerp_weights)
         self._step_count += 1
+        if self.resets is not None:
+            changed = self.resets.step(self._step_count, self.generator)
+            if changed:
+                self._forget(changed)
         if self.controllers_on:
             self._set_recording(self._step_count % self.feature_every == 0)
         return loss
+
+    def _forget(self, changed: dict[nn.Parameter, torch.Tensor]) -> None:
+        """After a reset, RIBBED's own per-entry memory of the changed weights restarts at their
+        new values (so the next features and signals see no jump that no update made)."""
+        if not self.controllers_on:
+            return
+        for param, prev in zip(self.neuron_params, self.prev, strict=True):
+            if param in changed:
+                torch.where(changed[param], param.detach(), prev, out=prev)
+        if self.signal is not None:
+            neurons = torch.cat([layer.offset + index for layer, index in self.resets.replaced])
+            self.signal.forget(changed, neurons)
+
+    def _set_multiplier(self, multiplier: torch.Tensor) -> None:
+        """The per-neuron multipliers; when every one is exactly 1 the step is the base's own."""
+        self.multiplier = multiplier
+        self._identity = bool((multiplier == 1).all())
 
     def _has_grads(self) -> bool:
         return any(p.grad is not None for p in self.neuron_params)
@@ -386,14 +473,20 @@ class RIBBED(torch.optim.Optimizer):
             torch.distributed.all_reduce(raw)
             raw /= torch.distributed.get_world_size()
         controller_loss = prediction_loss = 0.0
+        signal = self.signal.update(prev) if self.signal is not None else None
         if self._pending is not None:
             inputs, *routed = self._pending
             target = self.normalizer(raw[:, _PREDICTED_INDEX], _PREDICTED_INDEX)
             with torch.enable_grad():
                 out = self.bank(inputs, *routed)
                 self._modulate(out)
-                loss = (self.unrolled.controller_loss(out.multiplier) if self.unrolled is not None
-                        else (hyper.to(out.multiplier) * out.multiplier).mean())
+                if self.unrolled is not None:
+                    loss = self.unrolled.controller_loss(out.multiplier)
+                elif signal is not None:  # residual: first-order change plus the interior-optimum penalty
+                    delta = out.log_multiplier
+                    loss = (signal.to(delta) * delta).mean() + 0.5 * self.multiplier_penalty * delta.square().mean()
+                else:
+                    loss = (hyper.to(out.multiplier) * out.multiplier).mean()
                 controller_loss = float(loss.detach())
                 if self.bank.self_supervision:
                     error = out.predictions - target
@@ -423,14 +516,17 @@ class RIBBED(torch.optim.Optimizer):
         self._modulate(out)
         if refreshed and self.routing.coupled is not None:  # sampled coupling: the others keep theirs
             out.multiplier = torch.where(self.routing.coupled, out.multiplier, self.multiplier.to(out.multiplier))
-        self.multiplier = out.multiplier
+        self._set_multiplier(out.multiplier)
         self._neurons = {"multiplier": out.multiplier, "step": out.step, "coupling": out.coupling,
                          "gate": out.gate, "surprise": self.surprise.clone(), "hypergradient": hyper,
                          "controller": assignment}
         self._lerp_weights = self._lerp_from(out.multiplier)
         self._pending = (inputs, *self.routing.controller_choice())
+        log_m = out.multiplier.detach().log().abs()
         self._telemetry = {
             "ribbed_multiplier_mean": float(out.multiplier.mean()),
+            # share of neurons within 10% of a multiplier bound [1/M, M] (or past it)
+            "ribbed_near_bound": float((log_m >= self.bank.log_max - math.log(1.1)).float().mean()),
             "ribbed_multiplier_std": float(out.multiplier.std()) if self.n_neurons > 1 else 0.0,
             "ribbed_coupling_mean": float(out.coupling.mean()),
             "ribbed_gate_mean": float(out.gate.mean()),
@@ -447,7 +543,9 @@ class RIBBED(torch.optim.Optimizer):
         """Multiply the bank's step multipliers by the higher-level controllers' factors (a
         no-op at ``hierarchy_depth=1``), in the graph when called with gradients on."""
         if self.hierarchy is not None and self.hierarchy.modulators:
-            out.multiplier = out.multiplier * self.hierarchy.modulation().to(out.multiplier)
+            factor = self.hierarchy.modulation().to(out.multiplier)
+            out.multiplier = out.multiplier * factor
+            out.log_multiplier = out.log_multiplier + torch.log(factor)
 
     def _probe(self, closure: Callable[[], float] | None, params: list[torch.Tensor]) -> LossProbe:
         """Trial evaluations of the step's loss at values of ``params`` that leave no trace."""
@@ -476,7 +574,7 @@ class RIBBED(torch.optim.Optimizer):
                 generator=self.generator,
             )
         if result.winner:
-            self.multiplier = multiplier_of()
+            self._set_multiplier(multiplier_of())
             self._lerp_weights = self._lerp_from(self.multiplier)
         self._selection_telemetry = {"evolve_gain": result.losses[0] - result.losses[result.winner],
                                      "evolve_accepted": float(result.winner > 0)}
@@ -507,8 +605,9 @@ class RIBBED(torch.optim.Optimizer):
             forget_batches(self.model)
 
     def _lerp_from(self, multiplier: torch.Tensor) -> list[torch.Tensor]:
-        """Per-parameter lerp weights ``1 - m`` broadcast along each neuron's row."""
-        return self._rows_of(1 - multiplier)
+        """Per-parameter lerp weights ``1 - m`` broadcast along each neuron's row, taken in the
+        parameter's dtype (in float32 ``1 - m`` rounds once ``m < 1/2``)."""
+        return [1 - rows for rows in self._rows_of(multiplier)]
 
     def _rows_of(self, values: torch.Tensor) -> list[torch.Tensor]:
         """A per-neuron ``[N]`` tensor as one view per neuron parameter (``neuron_params``
@@ -540,7 +639,7 @@ class RIBBED(torch.optim.Optimizer):
     def telemetry(self) -> dict[str, float]:
         """Summary of the last controller refresh (multiplier, coupling, gate, surprise...) and
         of the last information-density measurement (``density_*`` keys)."""
-        research = {key: value for part in (self.es, self.unrolled, self.chiral) if part is not None for key, value in part.last.items()}
+        research = {key: value for part in (self.es, self.unrolled, self.chiral, self.resets) if part is not None for key, value in part.last.items()}
         return {**self._telemetry, **(self.density.telemetry() if self.density is not None else {}),
                 **research, **self._selection_telemetry}
 
@@ -587,6 +686,10 @@ class RIBBED(torch.optim.Optimizer):
             state["es"] = self.es.state_dict()
         if self.density is not None:
             state["density"] = self.density.state_dict()
+        if self.controllers_on and self.signal is not None:
+            state["signal"] = self.signal.state_dict()
+        if self.resets is not None:
+            state["resets"] = self.resets.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -601,7 +704,7 @@ class RIBBED(torch.optim.Optimizer):
             self.normalizer.load_state_dict(state["normalizer"])
             torch._foreach_copy_(self.prev, state["prev"])
             self.surprise = state["surprise"].clone()
-            self.multiplier = state["multiplier"].clone()
+            self._set_multiplier(state["multiplier"].clone())
             self._pending = None if state["pending"] is None else tuple(state["pending"])
             self._lerp_weights = self._lerp_from(self.multiplier) if self._pending is not None else None
             for layer, stats in zip(self.layers, state["activations"], strict=True):
@@ -618,6 +721,11 @@ class RIBBED(torch.optim.Optimizer):
             self.hierarchy.load_state_dict(state["hierarchy"], self.routing)
         if self.density is not None:
             self.density.load_state_dict(state["density"])
+        if self.controllers_on and self.signal is not None:
+            self.signal.load_state_dict(state["signal"])
+        if self.resets is not None:
+            self.resets.optimizer = self.base
+            self.resets.load_state_dict(state["resets"])
 
     def remove_hooks(self) -> None:
         """Detach the activation hooks from the model."""
@@ -627,3 +735,5 @@ class RIBBED(torch.optim.Optimizer):
                 layer.handle = None
         if self.density is not None:
             self.density.remove()
+        if self.resets is not None:
+            self.resets.remove()

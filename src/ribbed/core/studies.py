@@ -47,8 +47,10 @@ def _fit(optimizer_name: str, lr: float, seed: int, steps: int, inputs: int, noi
     if optimizer_name == "sgd":
         optimizer = torch.optim.SGD(neuron.parameters(), lr=lr)
     else:
+        # the linear objective: one neuron is its own layer, so the default residual objective
+        # (centred per layer) leaves its step to the learning rate by design
         optimizer = RIBBED(neuron, lr=lr, base="sgd", feature_every=feature_every, controller_lr=1e-2,
-                           seed=seed)
+                           objective="linear", seed=seed)
     trace: dict[str, list[float]] = {"loss": [], "multiplier": [], "coupling": [], "surprise": []}
     for _ in range(steps):
         loss = nn.functional.mse_loss(neuron(x), y)
@@ -153,10 +155,11 @@ class _NeuronSnapshots:
 
 
 DYNAMICS_VARIANTS = {
-    "full": {},
-    "no self-supervision": {"self_supervision": False},
-    "no coupling (lambda = 1)": {"coupling": False},
-    "one head (no explore/exploit gate)": {"contextual_heads": False},
+    "Meta-BP (linear objective)": {"objective": "linear"},
+    "no self-supervision": {"objective": "linear", "self_supervision": False},
+    "no coupling (lambda = 1)": {"objective": "linear", "coupling": False},
+    "one head (no explore/exploit gate)": {"objective": "linear", "contextual_heads": False},
+    "residual (the default)": {},
 }
 
 
