@@ -81,7 +81,7 @@ def test_comparison_with_tuning_seeds_and_a_diverging_method(tmp_path):
                       "search": {"lr": {"low": 1e-3, "high": 3e-2, "log": True}}},
             "exploding": {"optimizer": {"name": "sgd", "lr": 1e6}},
         },
-        "tuning": {"trials": 2, "steps": 10, "always": True},
+        "tuning": {"trials": 2, "grid": 3, "steps": 10, "always": True},
     }
     config = _write_config(tmp_path / "cmp.yaml", comparison)
     runs_dir = tmp_path / "runs"
@@ -95,7 +95,9 @@ def test_comparison_with_tuning_seeds_and_a_diverging_method(tmp_path):
     summary = open_run(runs_dir, parent["id"]).read_summary()
     rows = {row["method"]: row for row in summary["aggregates"]}
     assert rows["adamw"]["n"] == 2 and rows["exploding"]["n_diverged"] == 2
-    assert summary["methods"]["adamw"]["tuning"]["digits/mlp"]["trials"] == 2
+    tuning = summary["methods"]["adamw"]["tuning"]["digits/mlp"]
+    assert tuning["trials"] == 2 + 3 and tuning["grid"] == 3  # the coarse grid, then the sampler
+    assert isinstance(tuning["lr_interior"], bool) and tuning["lr"] == tuning["params"]["lr"]
     assert (open_run(runs_dir, parent["id"]).path / "tuning.sqlite").is_file()
 
     compared = _invoke("compare", *[c["id"] for c in children if c["method"] == "adamw"],

@@ -67,7 +67,7 @@ TABLE = [
     Entry("adagrad", 1.0, 0.3, rosenbrock_steps=3000, constant_rate=True),
     Entry("lion", 0.1, 0.03, rosenbrock_steps=2000),
     Entry("lamb", 0.05, 0.05, rosenbrock_steps=2000),
-    Entry("lars", 0.1, 0.1, {"trust_coefficient": 1.0}, rosenbrock_steps=2000),
+    Entry("lars", 0.1, 0.1, {"trust_coefficient": 1.0}, quadratic_steps=800, rosenbrock_steps=2000),
     Entry("adan", 0.3, 0.1),
     Entry("muon", 0.1, 0.1, {"adamw_lr": 0.1}),
     Entry("lookahead", 0.3, 0.3, {"base": "adamw", "base_options": NO_DECAY}),
@@ -80,6 +80,8 @@ TABLE = [
     Entry("hessian_free", 1.0, 1.0, quadratic_steps=20, rosenbrock_steps=30, constant_rate=True),
     Entry("ribbed", 0.1, 0.1, {"base_options": NO_DECAY}),
     Entry("adam-hd", 0.1, 0.1),
+    Entry("continual-backprop", 0.3, 0.3, {"base_options": NO_DECAY}),
+    Entry("redo", 0.3, 0.3, {"base_options": NO_DECAY}),
 ]
 
 

@@ -51,3 +51,28 @@ def test_coupling_scaling_fits_slopes_and_dense_agrees_with_itself(tmp_path):
     assert len(cells) == 5 * 4
     assert all(row[6] == 1 and row[7] == 1 for row in cells if row[0] == "dense")
     assert all(0 <= row[6] <= 1 for row in cells if row[0] in ("tree", "lsh", "topk-attention"))
+
+
+@pytest.mark.parametrize("scores, width", [
+    ([0.5, 0.9, 0.95, 0.9, 0.5], 2 * (0.95 - 0.94) / (0.95 - 0.9)),  # crossings inside the best's neighbours
+    ([0.5, 0.945, 0.95, 0.945, 0.5], 2 * (1 + (0.945 - 0.94) / (0.945 - 0.5))),
+    ([0.95, 0.95, 0.95, 0.95, 0.95], 4.0),  # flat: the whole grid
+    ([0.95, 0.2, 0.1, 0.1, 0.1], 0.01 / 0.75),  # best at the edge: only one side counts
+])
+def test_width_within_tolerance_interpolates_the_crossings(scores, width):
+    from ribbed.core.studies import width_within
+
+    assert width_within([0.0, 1.0, 2.0, 3.0, 4.0], scores, 0.01) == pytest.approx(width)
+
+
+def test_lr_sensitivity_reports_a_curve_and_a_width_per_method(tmp_path):
+    summary = _run(tmp_path, "lr-sensitivity", {"dataset": "digits", "model": "mlp", "methods": ["adamw", "ribbed"],
+                                                "low": 1e-3, "high": 1e-1, "points": 3, "seeds": 1, "steps": 40})
+    (table,) = summary["tables"]
+    rows = {row[0]: row for row in table["rows"]}
+    assert set(rows) == {"adamw", "ribbed"}
+    for row in rows.values():
+        assert any(math.isclose(row[1], lr) for lr in (1e-3, 1e-2, 1e-1)) and 0 < row[2] <= 1 and 0 <= row[4] <= 2
+    assert summary["figures"][0]["alt"] == "lr-sensitivity"
+    with pytest.raises(ValueError, match="methods"):
+        _run(tmp_path, "lr-sensitivity", {"methods": ["no-such-method"]})

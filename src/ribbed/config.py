@@ -220,9 +220,14 @@ class TuningConfig(_Strict):
 
     ``always`` tunes every time the comparison runs (as ``--tune`` does): for presets over
     several datasets, where one fixed learning rate per method could not be a tuned one.
+    ``grid`` learning rates, evenly spaced in log over the method's ``lr`` search range, are
+    tried first (the coarse pass that finds the right decade), then ``trials`` sampler trials
+    refine it; every tuning result says whether the best ``lr`` is interior (a worse trial on
+    each side of it) and how finely it is resolved.
     """
 
     trials: PositiveInt = 8
+    grid: NonNegativeInt = 0
     steps: PositiveInt | None = None
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"

@@ -91,11 +91,7 @@ class StepSizeSignal:
     def update(self, prev: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
         """Measure at this refresh, fold into the running RMS and the per-neuron average, and
         advance the trace; returns the smoothed normalised signal ``[N]``."""
-        raw = self.raw(prev)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(raw)  # gradients are all-reduced; keep every rank identical
-            raw /= torch.distributed.get_world_size()
+        raw = self.raw(prev)  # under data parallelism gradients and weights agree on every rank, so does this
         self.last_raw = raw
         self.refreshes += 1
         self.mean_square.lerp_(raw.square(), 1 - self.rms_decay)

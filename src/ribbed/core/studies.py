@@ -10,6 +10,11 @@ report shows the curves and a table of the final loss and the steps to reach a l
 coupling strategy (``ribbed.core.coupling``), against ``N`` at a fixed ``K`` and against ``K`` at
 a fixed ``N``, with log-log fitted slopes, the time ratio per doubling of ``K``, and how often
 each strategy picks the same controller as the exact dense search.
+
+``lr-sensitivity``: test accuracy against the learning rate on a 7-point log grid over three
+decades, several seeds per point, for AdamW, Adam-HD, Schedule-Free AdamW and RIBBED: how
+forgiving each method is of a learning rate that was not tuned, as the mean accuracy over the
+grid and the width (in decades) of the range within one point of the method's best.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from ribbed.core.optimizer import RIBBED
 from ribbed.experiments.stats import mean_ci
 from ribbed.experiments.studies import FigureSpec, StudyResult, Table, register_study
 
-__all__ = ["coupling_scaling", "coupling_workload", "loglog_slope", "phase1", "time_coupling"]
+__all__ = ["coupling_scaling", "coupling_workload", "loglog_slope", "lr_sensitivity", "phase1", "time_coupling",
+           "width_within"]
 
 
 def _regression(seed: int, inputs: int, samples: int, noise: float):
@@ -352,3 +358,104 @@ def coupling_scaling(context, *, neurons: tuple[int, ...] = (1000, 10000, 100000
                        figures=[FigureSpec("coupling-scaling", figure,
                                            "Route time against N and K, log-log, with fitted slopes.")],
                        findings=findings, data={"slopes": slopes, "by_n": by_n, "by_k": by_k})
+
+
+COSINE = {"kind": "cosine", "warmup_steps": 100}
+LR_SENSITIVITY_METHODS = {
+    "adamw": {"name": "adamw", "options": {"weight_decay": 0.01}, "schedule": COSINE},
+    "adam-hd": {"name": "adam-hd", "options": {"weight_decay": 0.01, "hypergrad_lr": 8.26e-7}, "schedule": COSINE},
+    # schedule-free replaces the schedule: constant learning rate after its own warm-up
+    "schedulefree-adamw": {"name": "schedulefree-adamw", "options": {"weight_decay": 0.01, "warmup_steps": 100},
+                           "schedule": {"kind": "constant"}},
+    "ribbed": {"name": "ribbed", "options": {"base_options": {"weight_decay": 0.01}}, "schedule": COSINE},
+}
+
+
+def width_within(log_lrs: list[float], scores: list[float], tolerance: float) -> float:
+    """Width (in decades) of the contiguous stretch of the curve ``scores`` over ``log_lrs``
+    (log10, ascending) around its best point that stays within ``tolerance`` of the best,
+    with the two crossings linearly interpolated between grid points (0 for a lone peak)."""
+    best = max(range(len(scores)), key=scores.__getitem__)
+    floor = scores[best] - tolerance
+
+    def crossing(step: int) -> float:
+        index = best
+        while 0 <= index + step < len(scores) and scores[index + step] >= floor:
+            index += step
+        if not 0 <= index + step < len(scores) or not math.isfinite(scores[index + step]):
+            return log_lrs[index]
+        inside, outside = scores[index], scores[index + step]
+        share = (inside - floor) / (inside - outside) if inside > outside else 0.0
+        return log_lrs[index] + share * (log_lrs[index + step] - log_lrs[index])
+
+    return crossing(1) - crossing(-1)
+
+
+@register_study("lr-sensitivity", "test accuracy against the learning rate over three decades, per method")
+def lr_sensitivity(context, *, dataset: str = "mnist1d", model: str = "cnn1d", num_samples: int = 10000,
+                   methods: tuple[str, ...] = ("adamw", "adam-hd", "schedulefree-adamw", "ribbed"),
+                   low: float = 1e-3, high: float = 1.0, points: int = 7, seeds: int = 3,
+                   steps: int = 1500, tolerance: float = 0.01) -> StudyResult:
+    """Train every method at ``points`` learning rates evenly spaced in log over ``[low, high]``
+    (cosine schedule with 100 warm-up steps; Schedule-Free's own warm-up and no schedule),
+    ``seeds`` seeds each; report the curve and, per method,
+    the mean accuracy over the grid and the width in decades within ``tolerance`` of its best."""
+    from ribbed.config import RunConfig
+    from ribbed.optim import list_optimizers
+
+    known = list_optimizers()
+    missing = [name for name in methods if LR_SENSITIVITY_METHODS.get(name, {"name": name})["name"] not in known]
+    if missing:
+        raise ValueError(f"methods: got {missing!r}, which no registered optimiser provides; "
+                         f"allowed: {sorted(set(LR_SENSITIVITY_METHODS) | set(known))}")
+    grid = [math.exp(math.log(low) + (math.log(high) - math.log(low)) * i / (points - 1)) for i in range(points)]
+    accuracy: dict[str, list[list[float]]] = {}
+    for name in methods:
+        optimizer = LR_SENSITIVITY_METHODS.get(name, {"name": name, "options": {}, "schedule": COSINE})
+        accuracy[name] = []
+        for lr in context.steps(grid, f"{name}: {points} learning rates x {seeds} seeds"):
+            finals = []
+            for seed in range(seeds):
+                config = RunConfig.model_validate({
+                    "name": "lr-sensitivity", "seed": seed,
+                    "data": {"name": dataset, "batch_size": 128, "options": {"num_samples": num_samples}
+                             if dataset == "mnist1d" else {}},
+                    "model": {"name": model},
+                    "optimizer": {"name": optimizer["name"], "lr": lr, "options": optimizer["options"]},
+                    "schedule": optimizer["schedule"],
+                    "train": {"steps": steps, "eval_every": steps},
+                })
+                _, result = context.train(config, method=name, label=f"{name} · lr {lr:.3g} · seed {seed}")
+                value = result.final.get("test_acc") if result.status == "completed" else None
+                finals.append(float(value) if value is not None and math.isfinite(value) else 0.0)
+            accuracy[name].append(finals)
+    log_grid = [math.log10(lr) for lr in grid]
+    rows, curves = [], {}
+    for name, per_lr in accuracy.items():
+        means = [statistics.fmean(finals) for finals in per_lr]
+        curves[name] = [mean_ci(finals) for finals in per_lr]
+        best = max(range(points), key=means.__getitem__)
+        rows.append([name, grid[best], means[best], statistics.fmean(means),
+                     width_within(log_grid, means, tolerance), 0 < best < points - 1])
+    figure = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = figure.add_subplot()
+    for name, points_ci in curves.items():
+        ax.plot(grid, [m for m, _, _ in points_ci], marker="o", label=name)
+        ax.fill_between(grid, [lo for _, lo, _ in points_ci], [hi for _, _, hi in points_ci], alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (peak of the cosine schedule)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    table = Table("Learning-rate sensitivity",
+                  ["method", "best lr", "test_acc at best (mean)", "mean test_acc over the grid",
+                   f"width within {tolerance:g} of best (decades)", "best lr interior to the grid"], rows,
+                  note=f"{dataset}/{model}, {steps} steps, {seeds} seeds per point, grid {points} learning "
+                       f"rates from {low:g} to {high:g}; a diverged run counts as accuracy 0.")
+    widest = max(rows, key=lambda row: row[4])
+    findings = [f"Widest near-optimal range: {widest[0]} ({widest[4]:.2f} decades within {tolerance:g} of its best).",
+                *(f"{row[0]}: best lr {row[1]:.3g} ({row[2]:.4f}), mean over the grid {row[3]:.4f}, width "
+                  f"{row[4]:.2f} decades" + ("" if row[5] else " (best at the edge of the grid)") for row in rows)]
+    return StudyResult(tables=[table], figures=[FigureSpec("lr-sensitivity", figure,
+                                                           "Mean test accuracy (95% interval band) against the "
+                                                           "learning rate, per method.")],
+                       findings=findings, data={"grid": grid, "accuracy": accuracy})

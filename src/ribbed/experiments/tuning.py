@@ -5,6 +5,14 @@ same data; a trial trains one seed and scores the final validation metric (never
 split). Trials are stored in an Optuna SQLite database beside the comparison, so a study can
 be inspected or resumed with Optuna's own tools. A diverged trial is recorded as failed and
 does not count as a best value.
+
+The protocol (``TuningConfig.grid``): a coarse pass over ``grid`` learning rates evenly spaced
+in log over the search range, enqueued as the first trials, then the sampler's trials. A
+comparison is only fair when every method's best learning rate lies inside the searched range,
+so every result reports the best ``lr``, whether it is interior (a trial on each side of it
+scored worse or diverged) and its resolution (the larger ratio to the nearest tried ``lr`` on
+either side): a best ``lr`` at an edge of the range, or resolved to no better than a factor
+of 3, is a reason to widen the range or add trials, not a tuned value.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import optuna
 from ribbed.config import MethodConfig, OptimizerConfig, RunConfig, SearchDimension, TuningConfig
 from ribbed.data import Dataset
 
-__all__ = ["apply_params", "tune_method"]
+__all__ = ["apply_params", "grid_values", "lr_bracket", "tune_method"]
 
 
 def apply_params(optimizer: OptimizerConfig, params: dict[str, Any]) -> OptimizerConfig:
@@ -27,6 +35,25 @@ def apply_params(optimizer: OptimizerConfig, params: dict[str, Any]) -> Optimize
     lr = params.get("lr", optimizer.lr)
     options = {**optimizer.options, **{k: v for k, v in params.items() if k != "lr"}}
     return optimizer.model_copy(update={"lr": lr, "options": options})
+
+
+def grid_values(dim: SearchDimension, points: int) -> list[float]:
+    """``points`` values evenly spaced over ``dim``'s range (in log when ``dim.log``)."""
+    if points == 1:
+        return [math.sqrt(dim.low * dim.high) if dim.log else (dim.low + dim.high) / 2]
+    if dim.log:
+        low, high = math.log(dim.low), math.log(dim.high)
+        return [math.exp(low + (high - low) * i / (points - 1)) for i in range(points)]
+    return [dim.low + (dim.high - dim.low) * i / (points - 1) for i in range(points)]
+
+
+def lr_bracket(tried: list[float], best: float) -> dict[str, Any]:
+    """Whether ``best`` has a tried (worse) learning rate on each side, and its resolution."""
+    below = [lr for lr in tried if lr < best]
+    above = [lr for lr in tried if lr > best]
+    ratios = ([best / max(below)] if below else []) + ([min(above) / best] if above else [])
+    return {"lr": best, "lr_interior": bool(below and above),
+            "lr_resolution": round(max(ratios), 3) if ratios else None}
 
 
 def _suggest(trial: optuna.Trial, name: str, dim: SearchDimension) -> Any:
@@ -91,14 +118,24 @@ def tune_method(
         sampler=sampler,
         load_if_exists=False,
     )
-    study.optimize(objective, n_trials=tuning.trials)
+    grid = tuning.grid if "lr" in method.search and method.search["lr"].choices is None else 0
+    for lr in grid_values(method.search["lr"], grid) if grid else []:
+        study.enqueue_trial({"lr": lr}, skip_if_exists=True)
+    study.optimize(objective, n_trials=tuning.trials + grid)
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         raise RuntimeError(
             f"tuning {method_name!r}: all {tuning.trials} trials diverged; widen or lower the search range"
         )
+    bracket = {}
+    if "lr" in study.best_params:
+        tried = [t.params["lr"] for t in study.trials if "lr" in t.params and t.state in (
+            optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        bracket = lr_bracket(tried, study.best_params["lr"])
     return {
         "params": dict(study.best_params),
+        **bracket,
+        "grid": grid,
         "best_value": study.best_value,
         "trials": len(study.trials),
         "diverged_trials": len(study.trials) - len(completed),
