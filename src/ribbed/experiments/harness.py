@@ -218,7 +218,8 @@ def run_comparison(
                 for name in names:
                     if progress:
                         progress.message(
-                            f"tuning {name} on {label}: {comparison.tuning.trials} trials"
+                            f"tuning {name} on {label}: {comparison.tuning.grid} grid + "
+                            f"{comparison.tuning.trials} sampler trials"
                         )
                     tuned[name, label] = tune_method(
                         method_name=name,

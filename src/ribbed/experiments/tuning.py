@@ -43,8 +43,10 @@ def grid_values(dim: SearchDimension, points: int) -> list[float]:
         return [math.sqrt(dim.low * dim.high) if dim.log else (dim.low + dim.high) / 2]
     if dim.log:
         low, high = math.log(dim.low), math.log(dim.high)
-        return [math.exp(low + (high - low) * i / (points - 1)) for i in range(points)]
-    return [dim.low + (dim.high - dim.low) * i / (points - 1) for i in range(points)]
+        inner = [math.exp(low + (high - low) * i / (points - 1)) for i in range(1, points - 1)]
+    else:
+        inner = [dim.low + (dim.high - dim.low) * i / (points - 1) for i in range(1, points - 1)]
+    return [dim.low, *inner, dim.high]  # the ends exactly: a rounded exp could fall outside the range
 
 
 def lr_bracket(tried: list[float], best: float) -> dict[str, Any]:
