@@ -60,8 +60,9 @@ def check_growing(ns: dict, out: Path) -> None:
 def check_optimizers(ns: dict, out: Path) -> None:
     summary = ns["outcome"].summary
     assert [row["method"] for row in summary["aggregates"]] == ["adamw", "sgd", "rmsprop"]
-    assert all(info["tuning"][next(iter(info["tuning"]))]["trials"] == 2 for info in summary["methods"].values()), \
-        "every method gets the same tuning budget"
+    tunings = [next(iter(info["tuning"].values())) for info in summary["methods"].values()]
+    assert all(t["trials"] == 3 + 2 and t["grid"] == 3 for t in tunings), "every method gets the same tuning budget"
+    assert all(isinstance(t["lr_interior"], bool) for t in tunings)
     assert ns["outcome"].report_html.is_file()
 
 

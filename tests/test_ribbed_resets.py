@@ -137,6 +137,9 @@ def test_layers_that_are_not_a_chain_are_named_in_a_warning():
         resets = NeuronResets(find_neuron_layers(model, set(model.parameters()), hooks=False),
                               torch.optim.SGD(model.parameters(), lr=0.1))
     assert [(p.name, c.name) for p, c, _ in resets.pairs] == [("b", "head")]
+    single = nn.Linear(4, 2)
+    with pytest.warns(UserWarning, match="no neuron can ever be reset"):
+        Resetting(single, lr=1e-3)
 
 
 @pytest.mark.parametrize("options, field", [

@@ -123,14 +123,15 @@ class NeuronResets:
                 unreset.append(producer.name)
             else:
                 self.pairs.append((producer, consumer, per_channel))
-        if unreset:
+        if not self.pairs:
+            warnings.warn("neuron resets: no layer of the model feeds another Linear/Conv layer that reads "
+                          "its neurons (a single layer, or no chain), so no neuron can ever be reset and "
+                          "the resets do nothing", stacklevel=3)
+        elif unreset:
             warnings.warn(f"neuron resets: layers {unreset} feed no layer whose input is their neurons "
                           "(not a chain of Linear/Conv layers); their neurons are never reset",
                           stacklevel=3)
-        if not self.pairs:
-            raise ValueError("neuron resets: the model has no layer whose outgoing weights can be found "
-                             "(it needs a Linear/Conv layer followed by one that reads its neurons)")
-        device = layers[0].weight.device
+        device = layers[0].weight.device if layers else "cpu"
         self.activity = [torch.zeros(p.n, device=device) for p, _, _ in self.pairs]
         self.utility = [torch.zeros(p.n, device=device) for p, _, _ in self.pairs]
         self.age = [torch.zeros(p.n, dtype=torch.long, device=device) for p, _, _ in self.pairs]
