@@ -23,6 +23,7 @@ EXTENSION_PACKAGES = (
     "ribbed.curriculum",
     "ribbed.research",
     "ribbed.distributed",
+    "ribbed.continual",
 )
 
 _loaded = False

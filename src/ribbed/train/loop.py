@@ -39,6 +39,7 @@ from ribbed.distributed import Strategy, build_strategy
 from ribbed.extensions import load_extensions
 from ribbed.nn import build_model, set_checkpointing
 from ribbed.optim import build_optimizer
+from ribbed.optim.modes import evaluation_weights, has_evaluation_mode
 from ribbed.train.batches import Sampler, build_sampler
 from ribbed.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from ribbed.train.gradients import GradientMethod, build_gradient_method
@@ -282,11 +283,12 @@ def train(
         tracker.log_config(config.model_dump(mode="json"))
 
     def evaluate_split(split: Split) -> dict[str, float]:
-        return evaluate(
-            strategy.evaluation_model(model), split, task=parts.dataset.task,
-            batch_size=config.data.eval_batch_size,
-            precision=parts.precision, device=parts.device,
-        )
+        with evaluation_weights(optimizer):  # schedule-free: evaluate the average x, not y
+            return evaluate(
+                strategy.evaluation_model(model), split, task=parts.dataset.task,
+                batch_size=config.data.eval_batch_size,
+                precision=parts.precision, device=parts.device,
+            )
 
     model.train()
     window_loss, window_steps = 0.0, 0
@@ -371,6 +373,8 @@ def train(
                 })
 
     final: dict[str, float] = {}
+    if has_evaluation_mode(optimizer):
+        optimizer.eval()  # the trained model (returned, saved) holds the weights to evaluate
     if diverged_at is None:
         final = {f"val_{k}": v for k, v in evaluate_split(parts.dataset.val).items()}
         if evaluate_test:
