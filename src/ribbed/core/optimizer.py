@@ -410,14 +410,18 @@ class RIBBED(torch.optim.Optimizer):
             if self.evolve_chirality and self._step_count % self.evolve_every == 0:
                 self._evolve_chirality(closure)
             self.chiral.apply(self.layers)
-        direct = self.controllers_on and not self._identity and self._direct_update()
-        if self.controllers_on and (not direct or (self._step_count + 1) % self.feature_every == 0):
+        evolving = (self.controllers_on and bool(self.evolve_every) and self._step_count % self.evolve_every == 0
+                    and self._lerp_weights is not None)
+        # while every multiplier is exactly 1 (the start, frozen controllers) the step is the base's own
+        scaled = self.controllers_on and (not self._identity or evolving)
+        direct = scaled and self._direct_update()
+        if self.controllers_on and ((scaled and not direct) or (self._step_count + 1) % self.feature_every == 0):
             torch._foreach_copy_(self.prev, self.neuron_params)
         if direct:
             scaled_adamw_step(self.base, self._neuron_scales())
         else:
             self.base.step()
-        if self.controllers_on and self._lerp_weights is not None and not direct and not self._identity:
+        if scaled and not direct and self._lerp_weights is not None:
             if self.evolve_every and self._step_count % self.evolve_every == 0:
                 self._evolve_controllers(closure)
             torch._foreach_lerp_(self.neuron_params, self.prev, self._lerp_weights)
