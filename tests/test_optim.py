@@ -504,3 +504,18 @@ def test_precision_study_rejects_unknown_modes(tmp_path):
     config = StudyConfig(name="bad", study="precision", options={"modes": ["fp8"], "base": {}})
     with pytest.raises(ValueError, match=r"options.modes: got \['fp8'\]; allowed: distinct values among fp32, bf16, fp16"):
         run_study(config, runs_dir=tmp_path)
+
+
+def test_every_registry_name_builds_after_importing_ribbed_optim_alone():
+    """A fresh interpreter that imports only ``ribbed.optim`` (as the README does) can build the
+    optimisers other packages register (RIBBED, Adam-HD, continual backprop)."""
+    import subprocess
+    import sys
+
+    script = ("import torch\nfrom ribbed.optim import build_optimizer\nmodel = torch.nn.Sequential("
+              "torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
+              "for name in ('adam-hd', 'ribbed', 'continual-backprop', 'redo'):\n"
+              "    print(type(build_optimizer(name, model, lr=1e-3)).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["AdamHD", "RIBBED", "Resetting", "Resetting"]

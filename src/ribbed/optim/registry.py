@@ -53,8 +53,17 @@ def register_optimizer(name: str, description: str, signature_of: Callable | Non
     return OPTIMIZERS.register(name, description, signature_of)
 
 
+def _register_extensions() -> None:
+    """Import the packages that register optimisers of their own (RIBBED, Adam-HD, continual
+    backprop...), so every registry name works after ``import ribbed.optim`` alone."""
+    from ribbed.extensions import load_extensions
+
+    load_extensions()
+
+
 def list_optimizers() -> dict[str, str]:
     """Registered names and their one-line descriptions."""
+    _register_extensions()
     return OPTIMIZERS.describe()
 
 
@@ -132,6 +141,8 @@ def build_optimizer(
             only for entries whose factory takes ``params``.
         options: the optimiser's keyword options (``optimizer.options`` in a config).
     """
+    if name not in OPTIMIZERS and "." not in name:
+        _register_extensions()
     if name in OPTIMIZERS:
         entry = OPTIMIZERS.entry(name)
         factory, signature_of = entry.factory, entry.signature_of
