@@ -188,9 +188,10 @@ def test_resets_revive_a_network_with_many_dead_units():
     assert results["resets"][1] < 4 and results["resets"][0] < 0.8 * results["adamw"][0], results
 
 
-def test_ribbed_with_resets_resumes_bit_for_bit():
+@pytest.mark.parametrize("signal", ["trace", "one-step"])
+def test_ribbed_with_resets_resumes_bit_for_bit(signal):
     def make(model):
-        return RIBBED(model, lr=1e-2, feature_every=3, reset_rate=0.02, reset_maturity=5)
+        return RIBBED(model, lr=1e-2, feature_every=3, reset_rate=0.02, reset_maturity=5, signal=signal)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a chain MLP: no layer is left out

@@ -105,7 +105,7 @@ class StepSizeSignal:
     def forget(self, changed: dict[torch.nn.Parameter, torch.Tensor], neurons: torch.Tensor) -> None:
         """After a reset: the trace of every changed entry restarts at its new value, and the
         reset neurons' averaged signal at zero."""
-        for param, average in zip(self.params, self.average, strict=True):
+        for param, average in zip(self.params, self.average, strict=True) if self.average else ():
             if param in changed:
                 torch.where(changed[param], param.detach(), average, out=average)
         self.smoothed[neurons] = 0.0
