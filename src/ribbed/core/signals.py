@@ -116,7 +116,8 @@ class StepSizeSignal:
                 "mean_square": self.mean_square.clone(), "refreshes": self.refreshes}
 
     def load_state_dict(self, state: dict) -> None:
-        torch._foreach_copy_(self.average, state["average"])
+        if self.average:
+            torch._foreach_copy_(self.average, state["average"])
         self.smoothed = state["smoothed"].clone().to(self.smoothed)
         self.mean_square = state["mean_square"].clone().to(self.mean_square)
         self.refreshes = state["refreshes"]
