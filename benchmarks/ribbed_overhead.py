@@ -4,11 +4,12 @@ For each model (the MNIST-1D 1D CNN, and a 784-1024-1024-10 MLP of 1.86M paramet
 batch 128) this times full training steps (forward, backward, optimiser step) with
 ``torch.optim.AdamW(foreach=True)`` and with ``RIBBED`` over the same AdamW, alternating
 A/B blocks in one process, and prints median(RIBBED) / median(AdamW). RIBBED runs with
-every component on (controllers, contextual heads, coupling, self-supervision, activation
-features, chiral term), once refreshing features every step and once every 10 steps (the
-default, and the configuration the 1.10 goal is about). Where the time goes: ``--ablate``
-adds that configuration with one piece off at a time (the chiral term, the activation hooks,
-the refresh itself by refreshing every 1000 steps), so each piece's cost is a difference of
+every default component on (residual controllers on the trace signal, self-supervision,
+activation features) plus the chiral term, once refreshing features every step and once every
+10 steps (the default, and the configuration the 1.10 goal is about). Where the time goes:
+``--ablate`` adds that configuration with one piece off at a time (the chiral term, the
+activation hooks, the refresh itself by refreshing every 1000 steps) or changed (the first
+design's linear objective with its heads and coupling, the neuron resets on), so each piece's cost is a difference of
 ratios from one run; ``--profile`` prints a ``torch.profiler`` table of it (20 steps, so two
 feature refreshes) with the most expensive ops. Every optimiser trains its own copy of the
 model (RIBBED's hooks then fire only in its own steps), and the order of the blocks is
@@ -36,10 +37,11 @@ from torch import nn
 from ribbed import RIBBED
 from ribbed.nn import build_model
 
-ALL_ON = {"chiral_gamma": 0.01, "controllers": True, "contextual_heads": True, "coupling": True,
-          "self_supervision": True, "activation_features": True}
+ALL_ON = {"chiral_gamma": 0.01, "controllers": True, "self_supervision": True, "activation_features": True}
 ABLATIONS = {"no chiral term": {"chiral_gamma": 0.0}, "no activation hooks": {"activation_features": False},
-             "refresh every 1000": {"feature_every": 1000}}
+             "refresh every 1000": {"feature_every": 1000},
+             "linear objective (heads, coupling)": {"objective": "linear"},
+             "with resets (rate 1e-4)": {"reset_rate": 1e-4}}
 
 
 def models() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
