@@ -400,7 +400,8 @@ def lr_sensitivity(context, *, dataset: str = "mnist1d", model: str = "cnn1d", n
     (cosine schedule with 100 warm-up steps; Schedule-Free's own warm-up and no schedule),
     ``seeds`` seeds each; report the curve and, per method,
     the mean accuracy over the grid and the width in decades within ``tolerance`` of its best."""
-    from ribbed.config import RunConfig
+    from ribbed.config import RunConfig, SearchDimension
+    from ribbed.experiments.tuning import grid_values
     from ribbed.optim import list_optimizers
 
     known = list_optimizers()
@@ -408,7 +409,7 @@ def lr_sensitivity(context, *, dataset: str = "mnist1d", model: str = "cnn1d", n
     if missing:
         raise ValueError(f"methods: got {missing!r}, which no registered optimiser provides; "
                          f"allowed: {sorted(set(LR_SENSITIVITY_METHODS) | set(known))}")
-    grid = [math.exp(math.log(low) + (math.log(high) - math.log(low)) * i / (points - 1)) for i in range(points)]
+    grid = grid_values(SearchDimension(low=low, high=high, log=True), points)
     accuracy: dict[str, list[list[float]]] = {}
     for name in methods:
         optimizer = LR_SENSITIVITY_METHODS.get(name, {"name": name, "options": {}, "schedule": COSINE})
