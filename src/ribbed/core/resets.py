@@ -137,6 +137,7 @@ class NeuronResets:
         self.age = [torch.zeros(p.n, dtype=torch.long, device=device) for p, _, _ in self.pairs]
         self.budget = [0.0] * len(self.pairs)
         self.total = 0
+        self.replaced: list[tuple[NeuronLayer, torch.Tensor]] = []
         self.last: dict[str, float] = {}
         self.handles = [consumer.module.register_forward_pre_hook(self._recorder(index))
                         for index, (_, consumer, _) in enumerate(self.pairs)]
@@ -175,13 +176,13 @@ class NeuronResets:
         ``{parameter: bool mask of the entries that changed}`` (empty when none did), and the
         replaced neurons' indices in each producer layer in :attr:`replaced`."""
         changed: dict[nn.Parameter, torch.Tensor] = {}
-        self.replaced: list[tuple[NeuronLayer, torch.Tensor]] = []
+        self.replaced = []
         count = 0
         for index, (producer, consumer, _) in enumerate(self.pairs):
             self.age[index] += 1
             self.budget[index] += self.rate * producer.n
-            if step_count % self.every:
-                continue
+            if step_count % self.every or (self.rate and self.budget[index] < 1):
+                continue  # not a check step, or the rate allows no replacement yet: skip the utility pass
             utility = self.utility[index] = self._utility(index)
             eligible = self.age[index] >= self.maturity
             if self.threshold is not None:
