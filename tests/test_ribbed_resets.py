@@ -199,3 +199,28 @@ def test_ribbed_with_resets_resumes_bit_for_bit(signal):
         uninterrupted, resumed = assert_resume_matches_uninterrupted(
             relu_mlp, make, train_steps, random_batches(40), split=17)
     assert uninterrupted.resets.total > 5 and resumed.resets.total == uninterrupted.resets.total
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_a_copied_model_and_ribbed_train_exactly_like_the_original(copier):
+    """``copy.deepcopy((model, opt))`` and a pickle round trip give a working pair whose hooks
+    (activation statistics, resets' activity, information density) feed the copy, not the
+    original: both continue to the same weights, and the original is untouched by the copy."""
+    import copy
+    import pickle
+
+    model = relu_mlp()
+    optimizer = RIBBED(model, lr=1e-2, feature_every=2, reset_rate=0.05, reset_maturity=3, density_every=4)
+    batches = random_batches(30)
+    train_steps(model, optimizer, batches[:10])
+    pair = copy.deepcopy((model, optimizer)) if copier == "deepcopy" else pickle.loads(pickle.dumps((model, optimizer)))
+    copied_model, copied = pair
+    assert copied.needs_batch is False and copied is not optimizer and copied.resets is not optimizer.resets
+    before = [p.detach().clone() for p in model.parameters()]
+    train_steps(copied_model, copied, batches[10:])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)), "the original moved"
+    assert copied.resets.activity[0] is not optimizer.resets.activity[0]
+    train_steps(model, optimizer, batches[10:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copied_model.parameters(), strict=True))
+    assert copied.resets.total == optimizer.resets.total > 0
+    assert copied.telemetry() == optimizer.telemetry()

@@ -47,6 +47,7 @@ from torch import nn
 
 from ribbed.core.checks import check_integer
 from ribbed.core.layers import (
+    IndexedHook,
     NeuronLayer,
     bin_indices,
     binned_entropy,
@@ -180,21 +181,18 @@ class InformationDensity:
         self._kept: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self._rows = [0] * len(self.layers)
         self._labels: torch.Tensor | None = None
-        self._handles = [layer.module.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        self._handles = [layer.module.register_forward_hook(IndexedHook(self, "_keep", i))
+                         for i, layer in enumerate(self.layers)]
 
-    def _hook(self, index: int):
-        stats = self.layers[index].stats
-
-        def keep(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            if not self.recording or not module.training:
-                return
-            rows = stats.samples(output)
-            room = self.max_samples - sum(len(part) for part in self._kept[index])
-            if room > 0:  # a copy: a later in-place op (ReLU(inplace=True)) must not change it
-                self._kept[index].append(rows[:room].to(torch.float32, copy=True))
-            self._rows[index] += len(rows)
-
-        return keep
+    def _keep(self, index: int, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        """Forward hook of layer ``index``: keep (a sample of) its outputs while recording."""
+        if not self.recording or not module.training:
+            return
+        rows = self.layers[index].stats.samples(output)
+        room = self.max_samples - sum(len(part) for part in self._kept[index])
+        if room > 0:  # a copy: a later in-place op (ReLU(inplace=True)) must not change it
+            self._kept[index].append(rows[:room].to(torch.float32, copy=True))
+        self._rows[index] += len(rows)
 
     def arm(self, on: bool) -> None:
         """Keep outputs of the coming forward passes (``on``) or not."""

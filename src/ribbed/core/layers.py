@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ActivationStats", "NeuronLayer", "bin_indices", "binned_entropy", "entropy_of_counts",
+    "ActivationStats", "IndexedHook", "NeuronLayer", "bin_indices", "binned_entropy", "entropy_of_counts",
     "find_neuron_layers", "offset_counts", "row_dot", "row_sq_norm",
 ]
 
@@ -126,6 +126,20 @@ def binned_entropy(samples: torch.Tensor, bins: int) -> torch.Tensor:
     between the column's min and max; all neurons at once with one ``bincount``."""
     dtype = torch.promote_types(samples.dtype, torch.float32)
     return entropy_of_counts(offset_counts(bin_indices(samples, bins), bins, dtype))
+
+
+@dataclass
+class IndexedHook:
+    """A module hook that calls ``owner.<method>(index, *hook_args)``. Unlike a closure (which
+    ``copy.deepcopy`` and ``pickle`` keep as the same object, or refuse), it is copied with its
+    owner, so the hooks of a copied model feed the copied optimiser, not the original."""
+
+    owner: object
+    method: str
+    index: int
+
+    def __call__(self, *args):
+        return getattr(self.owner, self.method)(self.index, *args)
 
 
 @dataclass

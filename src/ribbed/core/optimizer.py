@@ -664,6 +664,13 @@ class RIBBED(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ persistence
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything, for ``copy.deepcopy`` and ``pickle`` (``torch.optim.Optimizer`` keeps only
+        ``defaults``, ``state`` and ``param_groups``, which left a copy without its controllers,
+        hooks or base optimiser). Copy the model together with the optimiser
+        (``copy.deepcopy((model, opt))``) so the copy's hooks and parameters are the copied model's."""
+        return dict(self.__dict__)
+
     def state_dict(self) -> dict[str, Any]:
         state = {"base": self.base.state_dict(), "step": self._step_count,
                  "generator": self.generator.get_state()}

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ribbed.core.checks import check_integer, check_number
-from ribbed.core.layers import NeuronLayer, find_neuron_layers
+from ribbed.core.layers import IndexedHook, NeuronLayer, find_neuron_layers
 from ribbed.optim.functional import closure_loss
 
 __all__ = ["SECOND_MOMENTS", "UTILITIES", "NeuronResets", "Resetting", "check_reset_options"]
@@ -139,24 +139,21 @@ class NeuronResets:
         self.total = 0
         self.replaced: list[tuple[NeuronLayer, torch.Tensor]] = []
         self.last: dict[str, float] = {}
-        self.handles = [consumer.module.register_forward_pre_hook(self._recorder(index))
+        self.handles = [consumer.module.register_forward_pre_hook(IndexedHook(self, "_record", index))
                         for index, (_, consumer, _) in enumerate(self.pairs)]
 
-    def _recorder(self, index: int) -> Callable:
-        producer, consumer, per_channel = self.pairs[index]
-
-        def record(module: nn.Module, inputs: tuple) -> None:
-            if not module.training or not torch.is_grad_enabled():
-                return
-            x = inputs[0].detach()
-            if isinstance(module, nn.Linear):  # [..., C * per_channel], channel-major
-                mean_abs = x.reshape(-1, producer.n, per_channel).abs().mean((0, 2))
-            else:  # [B, C, ...]
-                mean_abs = x.transpose(0, 1).reshape(producer.n, -1).abs().mean(1)
-            mean_abs = mean_abs.float()
-            self.activity[index].lerp_(mean_abs, 1 - self.decay)
-
-        return record
+    def _record(self, index: int, module: nn.Module, inputs: tuple) -> None:
+        """Forward pre-hook of pair ``index``'s consumer: fold its input's mean |x| per channel
+        (the producer's neurons, after their activation function) into the activity."""
+        if not module.training or not torch.is_grad_enabled():
+            return
+        producer, _, per_channel = self.pairs[index]
+        x = inputs[0].detach()
+        if isinstance(module, nn.Linear):  # [..., C * per_channel], channel-major
+            mean_abs = x.reshape(-1, producer.n, per_channel).abs().mean((0, 2))
+        else:  # [B, C, ...]
+            mean_abs = x.transpose(0, 1).reshape(producer.n, -1).abs().mean(1)
+        self.activity[index].lerp_(mean_abs.float(), 1 - self.decay)
 
     def remove(self) -> None:
         for handle in self.handles:
