@@ -208,3 +208,29 @@ def test_zero_grad_drops_statistics_of_an_abandoned_pass_and_hooks_can_be_remove
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()
     assert optimizer._pending == {}
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_a_copied_model_and_kfac_train_exactly_like_the_original(copier):
+    """``copy.deepcopy((model, opt))`` and a pickle round trip give a working pair: the copy's
+    hooks feed the copied K-FAC, and both continue to the same weights."""
+    import copy
+    import pickle
+
+    model = TinyConvNet()
+    optimizer = kfac_for(model, lr=0.05, factor_decay=0.9)
+    batches = [batch() for _ in range(6)]
+
+    def train(net, opt, part):
+        for x, y in part:
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+
+    train(model, optimizer, batches[:3])
+    copied_model, copied = (copy.deepcopy((model, optimizer)) if copier == "deepcopy"
+                            else pickle.loads(pickle.dumps((model, optimizer))))
+    train(copied_model, copied, batches[3:])
+    train(model, optimizer, batches[3:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copied_model.parameters(), strict=True))
+    assert copied.base is not optimizer.base

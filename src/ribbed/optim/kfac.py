@@ -230,6 +230,13 @@ class KFAC(WrappedOptimizer):
             if module.bias is not None:
                 module.bias.grad.copy_(new[:, weight_cols].reshape(out))
 
+    def __getstate__(self) -> dict:
+        """Everything, for ``copy.deepcopy`` and ``pickle`` (``torch.optim.Optimizer`` keeps only
+        ``defaults``, ``state`` and ``param_groups``; a copy then had no base optimiser). The
+        forward hooks are bound methods, copied with their owner: copy the model and K-FAC
+        together (``copy.deepcopy((model, opt))``)."""
+        return dict(self.__dict__)
+
     def remove_hooks(self) -> None:
         """Detach K-FAC's hooks from the model (e.g. before reusing the model elsewhere)."""
         for handle in self._hooks:
