@@ -364,7 +364,7 @@ class RIBBED(torch.optim.Optimizer):
             self.normalizer = FeatureNormalizer()
             self.neuron_params = [p for layer in self.layers for p in layer.params]
             self.prev = [p.detach().clone() for p in self.neuron_params]
-            self.objective, self.multiplier_penalty = objective, multiplier_penalty
+            self.multiplier_penalty = multiplier_penalty
             self.signal = (StepSizeSignal(self.layers, kind=signal, discount=trace_discount,
                                           smoothing=signal_smoothing) if objective == "residual" else None)
             self.surprise = torch.zeros(self.n_neurons)

@@ -70,7 +70,6 @@ class StepSizeSignal:
         self.smoothed = torch.zeros(n, device=device)
         self.mean_square = torch.zeros(n, device=device)
         self.refreshes = 0
-        self.last_raw = torch.zeros(n, device=device)
 
     @torch.no_grad()
     def raw(self, prev: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
@@ -92,7 +91,6 @@ class StepSizeSignal:
         """Measure at this refresh, fold into the running RMS and the per-neuron average, and
         advance the trace; returns the smoothed normalised signal ``[N]``."""
         raw = self.raw(prev)  # under data parallelism gradients and weights agree on every rank, so does this
-        self.last_raw = raw
         self.refreshes += 1
         self.mean_square.lerp_(raw.square(), 1 - self.rms_decay)
         rms = (self.mean_square / (1 - self.rms_decay ** self.refreshes)).sqrt()
