@@ -274,6 +274,7 @@ def test_state_dict_round_trip_continues_exactly(name, options):
     ("shrink-perturb", {"shrink": 1.5}, r"shrink: got 1.5; allowed: a number in \(0, 1\]"),
     ("shrink-perturb", {"every": 0}, "every: got 0; allowed: an integer >= 1"),
     ("shrink-perturb", {"sigma": -1.0}, "sigma: got -1.0; allowed: a number >= 0"),
+    ("shrink-perturb", {"sigma": float("inf")}, "sigma: got inf; allowed: a number >= 0"),
     ("upgd", {"beta_utility": 1.0}, r"beta_utility: got 1.0; allowed: a number in \[0, 1\)"),
     ("upgd", {"seed": -1}, "seed: got -1; allowed: an integer >= 0"),
     ("adamw-l2", {"anchor": "ones"}, "anchor: got 'ones'; allowed: init, zero"),

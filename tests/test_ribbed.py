@@ -216,7 +216,9 @@ def test_bad_settings_name_the_field():
     model = mlp()
     for kwargs, field in [({"n_controllers": 0}, "n_controllers"), ({"max_multiplier": 1.0}, "max_multiplier"),
                           ({"chiral_gamma": 0.1, "chiral_graph": "spiral"}, "chiral_graph"),
-                          ({"feature_every": 0}, "feature_every"), ({"base": "nope"}, "nope")]:
+                          ({"feature_every": 0}, "feature_every"), ({"base": "nope"}, "nope"),
+                          ({"max_multiplier": float("inf")}, "max_multiplier: got inf"),
+                          ({"multiplier_penalty": float("nan")}, "multiplier_penalty: got nan")]:
         with pytest.raises(ValueError, match=field):
             RIBBED(model, lr=1e-3, **kwargs)
 

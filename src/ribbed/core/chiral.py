@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ribbed.core.checks import check_integer
+from ribbed.checks import check_integer
 from ribbed.core.layers import NeuronLayer
 
 __all__ = ["CHIRAL_GRAPHS", "ChiralTerm", "add_skew_", "check_signs", "skew_apply"]

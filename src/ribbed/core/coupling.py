@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ribbed.core.checks import check_integer, check_number
+from ribbed.checks import check_integer, check_number
 from ribbed.core.features import FEATURE_NAMES
 from ribbed.registry import Registry
 

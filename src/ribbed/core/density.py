@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ribbed.core.checks import check_integer
+from ribbed.checks import check_integer
 from ribbed.core.layers import (
     IndexedHook,
     NeuronLayer,

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ribbed.core.checks import check_integer, check_number
+from ribbed.checks import check_integer, check_number
 from ribbed.core.controllers import ControllerBank, gathered_mlp
 from ribbed.core.routing import OnlineKMeans, kmeans_plus_plus
 

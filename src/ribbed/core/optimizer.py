@@ -71,7 +71,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ribbed.core.checks import check_integer, check_number
+from ribbed.checks import check_integer, check_number
 from ribbed.core.chiral import ChiralTerm
 from ribbed.core.controllers import OBJECTIVES, PREDICTED, ControllerBank, ControllerOutputs
 from ribbed.core.coupling import build_router

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ribbed.core.checks import check_integer, check_number
+from ribbed.checks import check_integer, check_number
 from ribbed.core.layers import IndexedHook, NeuronLayer, find_neuron_layers
 from ribbed.optim.functional import closure_loss
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from ribbed.core.checks import check_integer
+from ribbed.checks import check_integer
 from ribbed.core.evolution import paused
 from ribbed.core.layers import NeuronLayer
 from ribbed.optim.batches import Batch, recorded_batches

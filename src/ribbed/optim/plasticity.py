@@ -59,15 +59,14 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ribbed.checks import check_integer, check_number
 from ribbed.optim.functional import closure_loss
-from ribbed.optim.modes import evaluation_weights, has_evaluation_mode
 from ribbed.optim.registry import OptimizerError, ParamsArg, register_optimizer
 from ribbed.optim.wrapper import WrappedOptimizer, build_base
 
@@ -79,26 +78,18 @@ __all__ = [
     "build_schedulefree_adamw",
     "build_shrink_perturb",
     "build_upgd",
-    "evaluation_weights",
-    "has_evaluation_mode",
 ]
 
 ANCHORS = ("init", "zero")
 
 
 def _check(field: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> float:
-    """``value`` as a float if it is a real number for which ``ok`` holds, else an error naming
-    ``field``, the value and ``allowed``."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or not ok(value):
-        raise OptimizerError(f"{field}: got {value!r}; allowed: {allowed}")
-    return float(value)
+    """:func:`ribbed.checks.check_number` raising the registry's ``OptimizerError``."""
+    return check_number(field, value, allowed, ok, error=OptimizerError)
 
 
 def _check_int(field: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise OptimizerError(f"{field}: got {value!r}; allowed: an integer >= {low}")
-    return value
+    return check_integer(field, value, low, error=OptimizerError)
 
 
 def _check_betas(field: str, betas: Any) -> tuple[float, float]:
@@ -354,7 +345,7 @@ def build_schedulefree_adamw(
 ) -> torch.optim.Optimizer:
     """``schedulefree.AdamWScheduleFree``, switched to train mode (its parameters hold ``y``).
 
-    Evaluate inside :func:`evaluation_weights` (or between ``optimizer.eval()`` and
+    Evaluate inside :func:`ribbed.optim.evaluation_weights` (or between ``optimizer.eval()`` and
     ``optimizer.train()``) to see the averaged weights ``x``.
     """
     try:
