@@ -21,6 +21,7 @@ import torch
 
 from ribbed.core.coupling import ROUTERS
 from ribbed.core.studies import coupling_workload, loglog_slope, time_coupling
+from ribbed.runs.environment import cpu_description
 
 
 def sweep(strategies, cells, repeats: int) -> dict[str, list[dict]]:
@@ -50,7 +51,7 @@ def main() -> None:
     else:
         neurons, controllers, fixed_n = [10 ** e for e in range(3, 7)], [4 ** e for e in range(1, 7)], 10 ** 5
     fixed_k = 64
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats; CPU {cpu_description()}")
     print(f"\nN sweep at K={fixed_k}")
     by_n = sweep(strategies, [(n, fixed_k) for n in neurons], args.repeats)
     print(f"\nK sweep at N={fixed_n:,}")

@@ -77,7 +77,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,6 +102,7 @@ from ribbed.memory import track_saved_tensors
 from ribbed.nn import CHECKPOINT_POLICIES, build_model, set_checkpointing
 from ribbed.nn.gpt import ATTENTION
 from ribbed.optim import build_optimizer, record_batch
+from ribbed.runs.environment import cpu_description, cpu_model, git_state
 from ribbed.sparse.semi_structured import measure_semi_structured_linear, prune_2_to_4
 from ribbed.train.loop import task_loss
 from ribbed.train.precision import Precision
@@ -808,41 +808,25 @@ def run_section(name: str, spec: SectionSpec, device: torch.device, sizes: Sizes
     return record
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def describe_machine(device: torch.device, argv: list[str], dry_run: bool) -> dict[str, Any]:
     """Device, versions, CPU and git state: what the figures were measured on."""
+    git = git_state(Path(__file__).resolve().parent)
     meta: dict[str, Any] = {
         "command": " ".join(["python benchmarks/gpu_check.py", *argv]),
         "dry_run": dry_run,
         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
-        "device_name": f"CPU: {_cpu_model()}" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device_name": f"CPU: {cpu_model()}" if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "cpu": _cpu_model(),
+        "cpu": cpu_description(),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
+        "git_commit": (git or {}).get("commit"),
+        "git_dirty": (git or {}).get("dirty"),  # tracked files changed (ribbed.runs.environment.git_state)
     }
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)

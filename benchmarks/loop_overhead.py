@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ribbed.config import RunConfig
+from ribbed.runs.environment import cpu_description
 from ribbed.train import build_run, train
 
 
@@ -67,7 +68,7 @@ def main() -> None:
     ours_step = statistics.median(ours) / args.steps * 1e3
     bare_step = statistics.median(bare) / args.steps * 1e3
     print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_description()}")
     print(f"bare loop : {bare_step:.3f} ms/step (median)")
     print(f"ribbed    : {ours_step:.3f} ms/step (median, incl. one final evaluation)")
     print(f"ratio     : {ours_step / bare_step:.3f}  (goal <= 1.05)")

@@ -29,6 +29,7 @@ from ribbed.data import load_dataset
 from ribbed.memory import profile_training, track_saved_tensors
 from ribbed.memory.sweeps import mlp_run_config
 from ribbed.nn.gpt import ATTENTION
+from ribbed.runs.environment import cpu_description
 
 POLICIES = ("none", "every", "every-2", "sqrt", "selective")
 MB = 2**20
@@ -44,7 +45,7 @@ def checkpointing(args) -> None:
     base = profiles["none"][0]
     base_time = statistics.median(p.step_seconds for p in profiles["none"])
     print(f"16-block MLP, width 1024, batch 256, AdamW; {args.repeats} rounds x {args.steps} steps; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_description()}")
     print(f"{'policy':<10} {'act. MB':>8} {'ratio':>6} {'peak MB':>8} {'step ms':>8} {'ratio':>6}")
     for policy, runs in profiles.items():
         seconds = statistics.median(p.step_seconds for p in runs)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ribbed.extensions import load_extensions
 from ribbed.nn import build_model
 from ribbed.optim import build_optimizer, list_optimizers, record_batch
+from ribbed.runs.environment import cpu_description
 
 BASELINE = ("adamw", 1e-3, {})
 SETTINGS: dict[str, tuple[float, dict]] = {
@@ -99,7 +100,7 @@ def main() -> None:
     params = sum(p.numel() for p in make_model().parameters())
     print(f"mlp 784-1024-256-10 ({params / 1e6:.2f}M parameters), batch 128, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; fastest of {args.repeats} alternating blocks, each the median "
-          f"of {args.iterations} steps (3 for {', '.join(sorted(SLOW))})")
+          f"of {args.iterations} steps (3 for {', '.join(sorted(SLOW))}); CPU {cpu_description()}")
     print(f"{'optimiser':18s} {'step ms':>9s} {'x AdamW':>8s} {'iter ms':>9s} {'x AdamW':>8s}")
     for name in names:
         lr, options = SETTINGS[name]

@@ -36,6 +36,7 @@ from torch import nn
 
 from ribbed import RIBBED
 from ribbed.nn import build_model
+from ribbed.runs.environment import cpu_description
 
 ALL_ON = {"chiral_gamma": 0.01, "controllers": True, "self_supervision": True, "activation_features": True}
 ABLATIONS = {"no chiral term": {"chiral_gamma": 0.0}, "no activation hooks": {"activation_features": False},
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x "
-          f"{args.repeats} repeats, medians")
+          f"{args.repeats} repeats, medians; CPU {cpu_description()}")
     for name, (model, x, y) in models().items():
         params = sum(p.numel() for p in model.parameters())
         builders = {

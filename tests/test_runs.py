@@ -256,6 +256,9 @@ def test_capture_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         "git",
     } <= set(env)
     assert env["torch"]["version"] and isinstance(env["torch"]["cuda_available"], bool)
+    import torch
+
+    assert env["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["packages"]["numpy"] and "ribbed" in env["packages"]
     assert env["cpu"]["count"] >= 1
     assert env["git"]["cwd"] is None

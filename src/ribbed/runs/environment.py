@@ -36,8 +36,8 @@ def capture_environment() -> dict[str, Any]:
     """A JSON-serialisable description of the current process and machine.
 
     Keys: ``time_utc``, ``argv``, ``python`` (version, implementation, executable),
-    ``platform``, ``hostname``, ``cpu`` (model, count), ``torch`` (version, cuda_available,
-    cuda_version, devices), ``packages`` (name -> version or None), ``git`` with ``cwd``
+    ``platform``, ``hostname``, ``cpu`` (model, count), ``torch`` (version, cpu_capability,
+    cuda_available, cuda_version, devices), ``packages`` (name -> version or None), ``git`` with ``cwd``
     and ``ribbed`` entries (``{"root", "commit", "dirty"}`` or None outside a repository).
     """
     return {
@@ -50,7 +50,7 @@ def capture_environment() -> dict[str, Any]:
         },
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
-        "cpu": {"model": _cpu_model(), "count": os.cpu_count()},
+        "cpu": {"model": cpu_model(), "count": os.cpu_count()},
         "torch": _torch_info(),
         "packages": {name: package_version(name) for name in KEY_PACKAGES},
         "git": {
@@ -102,7 +102,16 @@ def _git(directory: Path, *args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def _cpu_model() -> str | None:
+def cpu_description() -> str:
+    """The CPU model and the vector instruction set torch's kernels use on it (``AVX512``,
+    ``AVX2``, ...): what a published timing must name, since the same code runs at different
+    relative speeds on machines with and without AVX-512."""
+    import torch
+
+    return f"{cpu_model() or 'unknown CPU'} ({torch.backends.cpu.get_cpu_capability()} kernels)"
+
+
+def cpu_model() -> str | None:
     """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` reports."""
     try:
         for line in _CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -118,7 +127,8 @@ def _torch_info() -> dict[str, Any]:
     try:
         import torch
     except ImportError:
-        return {"version": None, "cuda_available": False, "cuda_version": None, "devices": []}
+        return {"version": None, "cpu_capability": None, "cuda_available": False, "cuda_version": None,
+                "devices": []}
     cuda_available = torch.cuda.is_available()
     try:
         devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -126,6 +136,7 @@ def _torch_info() -> dict[str, Any]:
         devices = None
     return {
         "version": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX512, AVX2...: the kernels in use
         "cuda_available": cuda_available,
         "cuda_version": torch.version.cuda,
         "devices": devices,
