@@ -5,6 +5,7 @@ both presets end to end at minimal size."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -368,3 +369,14 @@ def test_presets_run_end_to_end_at_minimal_size(preset, tmp_path):
     if "options.tune=true" in TINY_PRESETS[preset]:
         tuning = summary["tables"][2]
         assert tuning["columns"][-1] == "interior" and len(tuning["rows"]) == len(ran)
+
+
+def test_an_unknown_optimiser_is_refused_before_anything_runs(tmp_path):
+    """A typo in a method's optimiser stops the study with the field and the allowed names; it
+    is not quietly left out of the comparison."""
+    config = load_config(preset_path("plasticity-regression"),
+                         [*TINY_PRESETS["plasticity-regression"], "options.methods.redo.optimizer=redoo"])
+    with pytest.raises(ValueError, match=r"options\.methods\.redo\.optimizer: got 'redoo'; allowed: a registered"):
+        run_study(config, runs_dir=tmp_path)
+    (summary,) = tmp_path.glob("*/summary.json")  # the study's record says why it stopped
+    assert json.loads(summary.read_text())["status"] == "failed"

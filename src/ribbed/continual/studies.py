@@ -14,8 +14,8 @@ and to a lesser degree L2 and Shrink & Perturb, keep it.
 Fair tuning: every method has one learning rate in the preset; with ``tune: true`` each is
 replaced by the best of the same grid (``lr_grid``, scored by the headline metric on a
 tuning seed that is not one of the reported seeds, ``tune_seed``), and the report says for
-each method whether its best lr is interior to the grid. Methods whose optimiser is not
-registered in this build are listed as not run rather than failing the study.
+each method whether its best lr is interior to the grid. A method whose optimiser is neither a
+registered name nor an import path is refused before anything runs.
 
 Presets: ``plasticity-regression`` (slowly-changing regression, minutes) and
 ``plasticity-permuted`` (online permuted MNIST on the bundled 5,000 digits).
@@ -117,11 +117,13 @@ def plasticity(
     if tune and tune_seed in seed_list:
         raise ValueError(f"options.tune_seed: got {tune_seed}, one of the reported seeds {seed_list}; "
                          "allowed: a seed outside them")
-    requested = _methods(methods)
-    available = [m for m in requested if m.optimizer in OPTIMIZERS or "." in m.optimizer]
-    missing = [m for m in requested if m not in available]
+    available = _methods(methods)
+    for method in available:
+        if method.optimizer not in OPTIMIZERS and "." not in method.optimizer:
+            raise ValueError(f"options.methods.{method.name}.optimizer: got {method.optimizer!r}; allowed: a "
+                             f"registered optimiser ({', '.join(OPTIMIZERS.names())}) or an import path")
     if baseline not in [m.name for m in available]:
-        raise ValueError(f"options.baseline: got {baseline!r}; allowed: one of the methods that can run "
+        raise ValueError(f"options.baseline: got {baseline!r}; allowed: one of the methods "
                          f"{[m.name for m in available]}")
     streams = {seed: build_stream(stream, seed=seed, **stream_options) for seed in seed_list}
     kind = streams[seed_list[0]].kind
@@ -155,10 +157,10 @@ def plasticity(
     return StudyResult(
         tables=tables,
         figures=_figures(runs, [m.name for m in available], metric, mode, last_fraction),
-        findings=_findings(rows, runs, missing, baseline, mode, metric, last_fraction, tune, tuning),
+        findings=_findings(rows, runs, baseline, mode, metric, last_fraction, tune, tuning),
         data={"stream": stream, "stream_options": stream_options, "settings": settings, "metric": metric,
               "mode": mode, "seeds": seed_list, "methods": [_method_dict(m) for m in available],
-              "not_run": [m.name for m in missing], "tuning": tuning, "aggregates": rows,
+              "tuning": tuning, "aggregates": rows,
               "runs": [run.as_dict() for run in runs]},
     )
 
@@ -285,7 +287,7 @@ def _figures(runs: list[OnlineRun], names: list[str], metric: str, mode: str,
     return specs
 
 
-def _findings(rows, runs, missing, baseline, mode, metric, fraction, tune, tuning) -> list[str]:
+def _findings(rows, runs, baseline, mode, metric, fraction, tune, tuning) -> list[str]:
     findings = [PUBLISHED]
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     base = [r for r in runs if r.method == baseline and r.status == "completed"]
@@ -311,9 +313,6 @@ def _findings(rows, runs, missing, baseline, mode, metric, fraction, tune, tunin
     diverged = sorted({r.method for r in runs if r.status == "diverged"})
     if diverged:
         findings.append(f"Diverged runs (counted, not averaged): {', '.join(diverged)}.")
-    if missing:
-        findings.append("Not run (optimiser not registered in this build): "
-                        + ", ".join(f"{m.name} ({m.optimizer})" for m in missing) + ".")
     if tune:
         edge = [name for name, t in tuning.items() if not t["interior"]]
         findings.append("Tuned on one lr grid for every method; best lr at the edge of the grid for: "
