@@ -224,3 +224,17 @@ def test_a_copied_model_and_ribbed_train_exactly_like_the_original(copier):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copied_model.parameters(), strict=True))
     assert copied.resets.total == optimizer.resets.total > 0
     assert copied.telemetry() == optimizer.telemetry()
+
+
+def test_resets_without_recorded_activity_warn_and_replace_nothing():
+    """A model trained in eval mode never feeds the activity hook: every utility would read 0 and
+    ReDo's test would call every neuron dormant. The resets say so and replace nothing."""
+    model = relu_mlp()
+    optimizer = Resetting(model, lr=1e-3, reset_rate=0.0, reset_threshold=0.1, reset_maturity=0, reset_every=2)
+    model.eval()
+    with pytest.warns(UserWarning, match="recorded no training forward pass"):
+        train_steps(model, optimizer, random_batches(4))
+    assert optimizer.resets.total == 0
+    model.train()
+    train_steps(model, optimizer, random_batches(2))  # recorded again: the checks run
+    assert optimizer.resets.recorded == [0, 0]

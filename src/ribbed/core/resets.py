@@ -136,6 +136,8 @@ class NeuronResets:
         self.utility = [torch.zeros(p.n, device=device) for p, _, _ in self.pairs]
         self.age = [torch.zeros(p.n, dtype=torch.long, device=device) for p, _, _ in self.pairs]
         self.budget = [0.0] * len(self.pairs)
+        self.recorded = [0] * len(self.pairs)  # training forward passes seen since the last check
+        self._warned_unrecorded = False
         self.total = 0
         self.replaced: list[tuple[NeuronLayer, torch.Tensor]] = []
         self.last: dict[str, float] = {}
@@ -154,6 +156,7 @@ class NeuronResets:
         else:  # [B, C, ...]
             mean_abs = x.transpose(0, 1).reshape(producer.n, -1).abs().mean(1)
         self.activity[index].lerp_(mean_abs.float(), 1 - self.decay)
+        self.recorded[index] += 1
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -180,6 +183,10 @@ class NeuronResets:
             self.budget[index] += self.rate * producer.n
             if step_count % self.every or (self.rate and self.budget[index] < 1):
                 continue  # not a check step, or the rate allows no replacement yet: skip the utility pass
+            if not self.recorded[index]:
+                self._warn_unrecorded(consumer.name)
+                continue  # no activity seen: every utility would read 0 and any neuron could go
+            self.recorded[index] = 0
             utility = self.utility[index] = self._utility(index)
             eligible = self.age[index] >= self.maturity
             if self.threshold is not None:
@@ -201,6 +208,14 @@ class NeuronResets:
         self.total += count
         self.last = {"reset_count": float(count), "reset_total": float(self.total)}
         return changed
+
+    def _warn_unrecorded(self, consumer: str) -> None:
+        if not self._warned_unrecorded:
+            warnings.warn(f"neuron resets: the activity hook on {consumer!r} recorded no training forward pass "
+                          "since the last check (the model in eval mode, or the forward under no_grad or "
+                          "compiled before the hook was added), so no neuron is reset until it does",
+                          stacklevel=4)
+            self._warned_unrecorded = True
 
     def _replace(self, producer: NeuronLayer, consumer: NeuronLayer, neurons: torch.Tensor,
                  generator: torch.Generator, changed: dict[nn.Parameter, torch.Tensor]) -> None:
