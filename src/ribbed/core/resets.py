@@ -134,7 +134,7 @@ class NeuronResets:
         device = layers[0].weight.device if layers else "cpu"
         self.activity = [torch.zeros(p.n, device=device) for p, _, _ in self.pairs]
         self.utility = [torch.zeros(p.n, device=device) for p, _, _ in self.pairs]
-        self.age = [torch.zeros(p.n, dtype=torch.long, device=device) for p, _, _ in self.pairs]
+        self.born = [torch.zeros(p.n, dtype=torch.long, device=device) for p, _, _ in self.pairs]  # step of last reset
         self.budget = [0.0] * len(self.pairs)
         self.recorded = [0] * len(self.pairs)  # training forward passes seen since the last check
         self._warned_unrecorded = False
@@ -172,14 +172,13 @@ class NeuronResets:
 
     @torch.no_grad()
     def step(self, step_count: int, generator: torch.Generator) -> dict[nn.Parameter, torch.Tensor]:
-        """Age every neuron by one step and, on check steps, replace the chosen ones. Returns
-        ``{parameter: bool mask of the entries that changed}`` (empty when none did), and the
-        replaced neurons' indices in each producer layer in :attr:`replaced`."""
+        """On check steps (``step_count``: steps taken, this one included), replace the chosen
+        neurons. Returns ``{parameter: bool mask of the entries that changed}`` (empty when none
+        did), and the replaced neurons' indices in each producer layer in :attr:`replaced`."""
         changed: dict[nn.Parameter, torch.Tensor] = {}
         self.replaced = []
         count = 0
         for index, (producer, consumer, _) in enumerate(self.pairs):
-            self.age[index] += 1
             self.budget[index] += self.rate * producer.n
             if step_count % self.every or (self.rate and self.budget[index] < 1):
                 continue  # not a check step, or the rate allows no replacement yet: skip the utility pass
@@ -188,7 +187,7 @@ class NeuronResets:
                 continue  # no activity seen: every utility would read 0 and any neuron could go
             self.recorded[index] = 0
             utility = self.utility[index] = self._utility(index)
-            eligible = self.age[index] >= self.maturity
+            eligible = step_count - self.born[index] >= self.maturity
             if self.threshold is not None:
                 score = utility / utility.mean().clamp_min(1e-12)
                 eligible &= score <= self.threshold
@@ -201,7 +200,7 @@ class NeuronResets:
                 self.budget[index] = 0.0
             if candidates.numel():
                 self._replace(producer, consumer, candidates, generator, changed)
-                self.age[index][candidates] = 0
+                self.born[index][candidates] = step_count
                 self.activity[index][candidates] = 0.0
                 self.replaced.append((producer, candidates))
                 count += candidates.numel()
@@ -250,11 +249,11 @@ class NeuronResets:
         return dict(self.last)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"activity": [t.clone() for t in self.activity], "age": [t.clone() for t in self.age],
+        return {"activity": [t.clone() for t in self.activity], "born": [t.clone() for t in self.born],
                 "budget": list(self.budget), "total": self.total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for mine, saved in zip(self.activity + self.age, state["activity"] + state["age"], strict=True):
+        for mine, saved in zip(self.activity + self.born, state["activity"] + state["born"], strict=True):
             mine.copy_(saved)
         self.budget, self.total = list(state["budget"]), state["total"]
 
