@@ -345,19 +345,20 @@ class RIBBED(torch.optim.Optimizer):
             self.density.arm(True)
         self.hierarchy: ClusterHierarchy | None = None
         if controllers:
+            device = param_list[0].device if param_list else torch.device("cpu")
             self.bank = ControllerBank(
                 max_controllers or n_controllers, hidden=controller_hidden, max_multiplier=max_multiplier,
                 contextual_heads=contextual_heads, coupling=coupling, self_supervision=self_supervision,
                 objective=objective, generator=self.generator,
-            ).to(param_list[0].device if param_list else "cpu")
-            self.bank.set_layers(torch.cat([torch.full((layer.n,), index) for index, layer in enumerate(self.layers)])
-                                 .to(param_list[0].device if param_list else "cpu"))
+            ).to(device)
+            self.bank.set_layers(torch.cat([torch.full((layer.n,), index, device=device)
+                                            for index, layer in enumerate(self.layers)]))
             if grouping:
                 self.hierarchy = ClusterHierarchy(
                     len(FEATURE_NAMES), max_controllers or n_controllers, depth=hierarchy_depth,
                     branching=hierarchy_branching, hidden=controller_hidden, bound=hierarchy_bound,
                     merge_distance=merge_distance, split_spread=split_spread, seed=seed,
-                ).to(param_list[0].device if param_list else "cpu")
+                ).to(device)
             trained = [*self.bank.parameters(), *(self.hierarchy.parameters() if grouping else ())]
             self.controller_optimizer = torch.optim.Adam(trained, lr=controller_lr, foreach=True)
             self.routing = OnlineKMeans(n_controllers, router=router)
