@@ -94,6 +94,7 @@ from ribbed.core.signals import SIGNALS, StepSizeSignal
 from ribbed.core.unrolled import UnrolledTrainer, check_unrolled_options
 from ribbed.optim.batches import expect_batches, forget_batches
 from ribbed.optim.functional import closure_loss
+from ribbed.optim.state import attach_global, detach, hooked_load_state_dict, hooked_state_dict
 
 __all__ = ["RIBBED"]
 
@@ -673,8 +674,17 @@ class RIBBED(torch.optim.Optimizer):
         return dict(self.__dict__)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"base": self.base.state_dict(), "step": self._step_count,
-                 "generator": self.generator.get_state()}
+        """The base optimiser's state dict in torch's layout (``state``, ``param_groups``), with
+        RIBBED's own state (step count, controllers, routing, ...) in the entry of the first
+        trainable parameter under ``"ribbed"`` (``ribbed.optim.state``: where
+        ``torch.distributed.checkpoint`` keeps it, as ``torch.optim.LBFGS`` keeps its own). The
+        four ``torch.optim.Optimizer`` state-dict hooks are honoured."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return hooked_state_dict(self, lambda: attach_global(self.base.state_dict(), "ribbed", self._own_state(), params))
+
+    def _own_state(self) -> dict[str, Any]:
+        """What RIBBED keeps beside its base optimiser's state."""
+        state = {"step": self._step_count, "generator": self.generator.get_state()}
         if self.controllers_on:
             state.update(
                 bank=self.bank.state_dict(),
@@ -704,8 +714,22 @@ class RIBBED(torch.optim.Optimizer):
             state["resets"] = self.resets.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base.load_state_dict(state["base"])
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of :meth:`state_dict` (also one renamed by
+        ``torch.distributed.checkpoint``, and the ``{"base", "step", ...}`` layout of earlier
+        versions); the load hooks are honoured."""
+        hooked_load_state_dict(self, state_dict, self._load)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
+        if "state" not in state_dict and "base" in state_dict:  # the layout before torch's
+            base_state, state = state_dict["base"], state_dict
+        else:
+            base_state, found = detach(state_dict, "ribbed")
+            if len(found) != 1:
+                raise KeyError(f"optimizer state dict: RIBBED's own state ('ribbed' in one entry of 'state') found "
+                               f"in {len(found)} entries; allowed: exactly one (a state dict saved by RIBBED)")
+            state = next(iter(found.values()))
+        self.base.load_state_dict(base_state)
         self.param_groups, self.state = self.base.param_groups, self.base.state
         self._step_count = state["step"]
         self.generator.set_state(state["generator"])

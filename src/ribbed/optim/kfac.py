@@ -117,6 +117,8 @@ class KFAC(WrappedOptimizer):
         >>> loss = model(torch.randn(16, 4)).square().mean(); loss.backward(); opt.step()
     """
 
+    state_key = "kfac"
+
     def __init__(
         self,
         model: nn.Module,

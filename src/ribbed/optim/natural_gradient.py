@@ -132,6 +132,8 @@ class NaturalGradient(WrappedOptimizer):
         >>> loss_fn(model(x), y).backward(); record_batch(model, x, y, loss_fn); opt.step()
     """
 
+    state_key = "natural_gradient"
+
     needs_batch = True  # evaluates the loss on the step's batch: train with keep-batch
 
     def __init__(

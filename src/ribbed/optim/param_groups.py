@@ -168,6 +168,8 @@ class TrustRatio(WrappedOptimizer):
         >>> model(torch.ones(1, 3)).sum().backward(); opt.step()
     """
 
+    state_key = "trust_ratio"
+
     def __init__(
         self,
         base: torch.optim.Optimizer,

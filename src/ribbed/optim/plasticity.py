@@ -146,6 +146,8 @@ class ShrinkPerturb(WrappedOptimizer):
     With ``shrink=1, sigma=0`` the optimiser is its base exactly.
     """
 
+    state_key = "shrink_perturb"
+
     def __init__(self, base: torch.optim.Optimizer, *, shrink: float = 0.9999, sigma: float = 1e-4,
                  every: int = 1, seed: int | None = None):
         shrink = _check("shrink", shrink, "a number in (0, 1]", lambda v: 0 < v <= 1)
@@ -207,6 +209,8 @@ class L2Regularized(WrappedOptimizer):
         l2: the penalty strength, ``>= 0`` (0: the base exactly).
         anchor: ``"init"`` (the weights when this optimiser is built: L2 Init) or ``"zero"``.
     """
+
+    state_key = "l2"
 
     def __init__(self, base: torch.optim.Optimizer, *, l2: float = 1e-3, anchor: str = "init"):
         l2 = _check("l2", l2, "a number >= 0", lambda v: v >= 0)

@@ -4,7 +4,8 @@ Preconditioners (K-FAC, natural gradient) rewrite the gradients and then let a b
 optimiser step; trust-ratio scaling rescales the base's update. Each is a
 ``torch.optim.Optimizer`` that shares its base's parameter groups (the same dicts, so an LR
 scheduler or a config's ``lr`` reaches the base), keeps its own per-parameter state, and
-saves both in one ``state_dict`` so a resumed run continues exactly.
+saves both in one ``state_dict`` in torch's layout (``ribbed.optim.state``) so a resumed run
+continues exactly and ``torch.distributed.checkpoint`` can rename and reload it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ribbed.optim.registry import OptimizerError, ParamsArg, build_optimizer
+from ribbed.optim.state import attach_entries, detach, hooked_load_state_dict, hooked_state_dict
 
 __all__ = ["WrappedOptimizer", "build_base"]
 
@@ -38,6 +40,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
     :meth:`step` and keep their tensors in ``self.state[param]``.
     """
 
+    state_key = "wrapper"
+    """The key of this wrapper's per-parameter state inside each entry of the saved ``state``."""
+
     def __init__(self, base: torch.optim.Optimizer, defaults: dict[str, Any]):
         if not isinstance(base, torch.optim.Optimizer):
             raise OptimizerError(f"base optimiser: got a {type(base).__name__}; allowed: a torch.optim.Optimizer")
@@ -57,18 +62,35 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.base.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base's state dict and this wrapper's per-parameter state (by parameter index)."""
+        """The base's state dict in torch's layout, with this wrapper's per-parameter state in
+        each parameter's entry under :attr:`state_key` (``ribbed.optim.state``); the four
+        ``torch.optim.Optimizer`` state-dict hooks are honoured."""
+        return hooked_state_dict(self, self._build_state_dict)
+
+    def _build_state_dict(self) -> dict[str, Any]:
         index = {id(p): i for i, p in enumerate(self._params())}
         own = {index[id(p)]: dict(state) for p, state in self.state.items()}
-        return {"base": self.base.state_dict(), "wrapper": own}
+        return attach_entries(self.base.state_dict(), self.state_key, own)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base.load_state_dict(state_dict["base"])
+        """Load a state dict of :meth:`state_dict` (also one renamed by
+        ``torch.distributed.checkpoint``, and the ``{"base", "wrapper"}`` layout of earlier
+        versions); the load hooks are honoured."""
+        hooked_load_state_dict(self, state_dict, self._load)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
+        if "state" not in state_dict and "wrapper" in state_dict:  # the layout before torch's
+            base_state, own = state_dict["base"], state_dict["wrapper"]
+            saved_ids = list(range(len(self._params())))
+        else:
+            base_state, own = detach(state_dict, self.state_key)
+            saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        self.base.load_state_dict(base_state)
         self.param_groups = self.base.param_groups
-        params = self._params()
+        params = dict(zip(saved_ids, self._params(), strict=True))
         self.state.clear()
-        for i, saved in state_dict["wrapper"].items():
-            p = params[int(i)]
+        for i, saved in own.items():
+            p = params[i]
             self.state[p] = {
                 k: v.to(p.device).clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items()
             }
