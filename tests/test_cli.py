@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def _wait_for_checkpoint(record_dir: Path, process: subprocess.Popen, timeout: f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
-        if (record_dir / "checkpoints" / "last.pt").is_file():
+        if (record_dir / "checkpoints" / "manifest.json").is_file():
             return
         time.sleep(0.05)
     raise AssertionError("no checkpoint appeared")
@@ -221,3 +222,116 @@ def test_a_study_records_tables_figures_and_child_runs(tmp_path):
     assert len(list_runs(runs_dir, kind="study")) == 1
     rerendered = _invoke("report", study["id"], "--runs-dir", str(runs_dir))
     assert rerendered.exit_code == 0, rerendered.output
+
+
+def _ribbed_run(*args: str, runs_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m ribbed ARGS`` with stdout and stderr captured: not a terminal, as when redirected."""
+    env = {**os.environ, "RIBBED_RUNS_DIR": str(runs_dir)}
+    return subprocess.run([sys.executable, "-m", "ribbed", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_redirected_run_logs_plain_progress_lines_and_records_threads_and_device(tmp_path):
+    from ribbed.train.hardware import available_devices
+
+    config = _write_config(tmp_path / "tiny.yaml",
+                           tiny_dict(train={"steps": 40, "eval_every": 20, "log_every": 10}))
+    done = _ribbed_run("run", str(config), "--threads", "1", runs_dir=tmp_path / "runs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    logged = re.findall(r"^tiny: step (\d+)/40  loss \d+\.\d{4}  [\d.]+ steps/s  eta \S+$", done.stdout, flags=re.M)
+    assert logged == ["10", "20", "30", "40"], done.stdout
+    (row,) = list_runs(tmp_path / "runs")
+    record = open_run(tmp_path / "runs", row["id"])
+    summary = record.read_summary()
+    assert summary["threads"] == 1 and summary["device"] == available_devices()[0]
+    assert record.read_config()["train"]["threads"] == 1  # recorded, so a resume uses the same count
+    assert record.read_config()["train"]["device"] == "auto"
+
+    refused = _ribbed_run("run", str(config), "--threads", "0", runs_dir=tmp_path / "runs")
+    assert refused.returncode == 2 and "--threads" in refused.stderr + refused.stdout
+
+
+def test_comparison_takes_run_overrides_and_fast_dev_runs_every_member(tmp_path):
+    runs_dir = tmp_path / "runs"
+    done = _ribbed_run("run", "default", "--fast-dev-run", "--set", "train.log_every=1", runs_dir=runs_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (parent,) = list_runs(runs_dir, kind="comparison")
+    children = list_runs(runs_dir, parent=parent["id"])
+    assert sorted(c["method"] for c in children) == ["adam-hd", "adamw", "ribbed", "sgd"]
+    assert {c["seed"] for c in children} == {0}
+    for child in children:
+        record = open_run(runs_dir, child["id"])
+        assert record.read_summary()["steps"] == 3 and record.read_config()["train"]["log_every"] == 1
+    assert "adamw · mnist1d/cnn1d · seed 0: step 1/3  loss" in done.stdout
+
+    result = _invoke("run", "default", "--set", "optimizer.lr=0.1", "--runs-dir", str(runs_dir))
+    assert result.exit_code == 2 and "did you mean methods.adamw.optimizer.lr" in result.output
+    result = _invoke("run", "default", "--fast-dev-run", "--tune", "--runs-dir", str(runs_dir))
+    assert result.exit_code == 2 and "--fast-dev-run" in result.output
+
+
+def test_every_preset_is_listed_with_a_whole_sentence_and_a_duration_and_in_the_readme():
+    from ribbed.experiments.presets import list_presets
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| preset | what it runs |", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"`([a-z0-9-]+)`", table))
+    shown = _invoke("presets")
+    assert shown.exit_code == 0
+    for name, info in list_presets().items():
+        assert info.summary.endswith("."), f"{name}: {info.summary[-40:]!r} is cut off"
+        assert info.duration, f"{name} states no duration"
+        assert name in listed, f"{name} is missing from the README's preset table"
+        assert name in shown.output
+
+
+def test_compare_warns_about_what_differs_beyond_the_method(tmp_path):
+    runs_dir = tmp_path / "runs"
+    short = _write_config(tmp_path / "a.yaml", tiny_dict(train={"steps": 20, "eval_every": 10}))
+    longer = _write_config(tmp_path / "b.yaml", tiny_dict(train={"steps": 30, "eval_every": 10},
+                                                          optimizer={"name": "sgd", "lr": 0.1}))
+    again = _write_config(tmp_path / "c.yaml", tiny_dict(train={"steps": 20, "eval_every": 10}, seed=1))
+    for config in (short, longer, again):
+        assert _invoke("run", str(config), "--runs-dir", str(runs_dir)).exit_code == 0
+    by_method = {}
+    for row in list_runs(runs_dir):
+        by_method.setdefault(row["method"], []).append(row["id"])
+
+    fair = _invoke("compare", *by_method["adamw"], "--runs-dir", str(runs_dir))
+    assert fair.exit_code == 0 and "warning" not in fair.output
+
+    unfair = _invoke("compare", *by_method["adamw"], *by_method["sgd"], "--runs-dir", str(runs_dir))
+    assert unfair.exit_code == 0, unfair.output
+    assert "differ beyond the method" in unfair.output
+    assert "train.steps differs: adamw 20; sgd 30" in unfair.output
+    assert "seeds differ: adamw 0, 1; sgd 0" in unfair.output
+    assert "learning rates differ: adamw 0.01; sgd 0.1" in unfair.output
+    (comparison,) = [r for r in list_runs(runs_dir, kind="comparison")
+                     if open_run(runs_dir, r["id"]).read_summary().get("warnings")]
+    record = open_run(runs_dir, comparison["id"])
+    assert "train.steps differs: adamw 20; sgd 30" in (record.path / "report.html").read_text()
+    assert "train.steps differs: adamw 20; sgd 30" in (record.path / "report.md").read_text()
+
+
+def test_evaluate_tests_saved_weights_on_the_runs_data_or_another(tmp_path):
+    runs_dir = tmp_path / "runs"
+    config = _write_config(tmp_path / "tiny.yaml", tiny_dict(train={"steps": 20, "eval_every": 10}))
+    assert _invoke("run", str(config), "--runs-dir", str(runs_dir)).exit_code == 0
+    (row,) = list_runs(runs_dir)
+    final = open_run(runs_dir, row["id"]).read_summary()["final"]
+
+    done = _ribbed_run("evaluate", row["id"], "--json", runs_dir=runs_dir)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["split"] == "test" and result["dataset"] == "digits"
+    assert result["acc"] == final["test_acc"] and result["loss"] == pytest.approx(final["test_loss"], rel=1e-6)
+
+    other_seed = _invoke("evaluate", row["id"], "--split", "val", "--set", "data.seed=3", "--json",
+                         "--runs-dir", str(runs_dir))
+    assert other_seed.exit_code == 0, other_seed.output
+    assert "recorded_acc" not in json.loads(other_seed.output)  # other data: nothing recorded to match
+
+    misfit = _invoke("evaluate", row["id"], "--data", "mnist1d", "--runs-dir", str(runs_dir))
+    assert misfit.exit_code == 2 and "do not fit" in misfit.output and "mnist1d" in misfit.output
+    bad_split = _invoke("evaluate", row["id"], "--split", "dev", "--runs-dir", str(runs_dir))
+    assert bad_split.exit_code == 2 and "'dev'" in bad_split.output and "test, val, train" in bad_split.output

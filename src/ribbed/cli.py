@@ -12,8 +12,18 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
+
 
 from ribbed.config import ComparisonConfig, ConfigError, RunConfig, StudyConfig, load_config
 
@@ -45,7 +55,11 @@ def _fail(message: str) -> None:
 
 class RichProgress:
     """Progress bars for the harness: one for the whole job, one per run in progress (and one
-    per study loop), each finished run summarised on a line of its own."""
+    per study loop), each finished run summarised on a line of its own. A run's bar shows its
+    loss (mean over the last ``train.log_every`` steps), steps/s and ETA; when the console is
+    not a terminal (output redirected to a file or a pipe) bars are not redrawn, so every log
+    interval is also printed as a plain line and a redirected run writes as it goes."""
+
 
     def __init__(self, progress: Progress, total_runs: int):
         self._progress = progress
@@ -61,6 +75,11 @@ class RichProgress:
         class _Callback:
             def on_step(self, step: int, loss: float) -> None:
                 progress.update(task, completed=step)
+
+            def on_log(self, row: dict) -> None:
+                progress.update(task, loss=row["loss"], rate=row["steps_per_s"])
+                if not progress.console.is_terminal:
+                    progress.console.print(_log_line(label, row), highlight=False, soft_wrap=True)
 
             def on_eval(self, row: dict) -> None:
                 progress.update(
@@ -88,12 +107,41 @@ class RichProgress:
         self._progress.console.print(text, highlight=False)
 
 
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s`` or ``1h02m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _log_line(label: str, row: dict) -> str:
+    """One plain progress line: ``adamw: step 100/3000  loss 0.8123  41.2 steps/s  eta 1m10s``."""
+    return (f"{label}: step {row['step']}/{row['steps']}  loss {row['loss']:.4f}  "
+            f"{row['steps_per_s']:.1f} steps/s  eta {_duration(row['eta_s'])}")
+
+
+class _RunStatsColumn(ProgressColumn):
+    """Loss and steps/s of a training bar, once its first log interval is done."""
+
+    def render(self, task) -> Text:
+        loss, rate = task.fields.get("loss"), task.fields.get("rate")
+        if loss is None:
+            return Text("")
+        return Text(f"loss {loss:.4f}  {rate:.1f} steps/s")
+
+
 def _progress_bars() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        _RunStatsColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         console=console,
     )
 
@@ -159,17 +207,35 @@ def run(
     tune: Annotated[bool, typer.Option(help="Rerun the equal-budget tuning before the final runs.")] = False,
     nproc: Annotated[int | None, typer.Option(
         min=1, help="Run on N processes with torchrun (set train.distributed.strategy).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads per process (train.threads; default auto: 1 on 2 cores or fewer, "
+                    "else the idle cores).")] = None,
+    fast_dev_run: Annotated[bool, typer.Option(
+        "--fast-dev-run", help="Smoke test: a few steps of every method on every dataset, "
+                               "one seed, no tuning.")] = False,
     runs_dir: RunsDir = None,
+
 ) -> None:
     """Run a preset or config file: one run, a comparison of methods x datasets x seeds, or a study."""
     from ribbed.distributed.launch import worker_runs_dir
-    from ribbed.experiments.harness import run_comparison, run_single
+    from ribbed.experiments.harness import fast_dev_config, run_comparison, run_single
     from ribbed.experiments.studies import run_study
 
     try:
-        _, cfg = _load(config, set_ or [])
+        overrides = list(set_ or [])
+        _, cfg = _load(config, overrides)
+        if isinstance(cfg, StudyConfig) and (threads is not None or fast_dev_run):
+            _fail(f"--threads and --fast-dev-run apply to runs and comparisons; {cfg.name!r} is a "
+                  f"study ({cfg.study}), whose options set its own sizes and each of its runs "
+                  "picks threads: auto")
+        if fast_dev_run and (tune or nproc is not None):
+            _fail("--fast-dev-run is a quick single-process check without tuning; "
+                  "leave out --tune and --nproc")
+        if threads is not None:
+            overrides.append(f"train.threads={threads}")
+            _, cfg = _load(config, overrides)
         if nproc is not None:
-            _launch_workers(nproc, config, set_ or [], seeds, tune, runs_dir)
+            _launch_workers(nproc, config, overrides, seeds, tune, runs_dir)
             return
         _quiet_unless_main_rank()
         if isinstance(cfg, StudyConfig) and (seeds is not None or tune):
@@ -182,6 +248,8 @@ def run(
                 )
             else:
                 cfg = cfg.model_copy(update={"seeds": seeds})
+        if fast_dev_run:
+            cfg = fast_dev_config(cfg)
         root = worker_runs_dir(_runs_dir(runs_dir))
         with _progress_bars() as bars:
             if isinstance(cfg, StudyConfig):
@@ -316,6 +384,10 @@ def compare(
         outcome = compare_records(records, runs_dir=root, name=name, baseline=baseline)
     except (ValueError, LookupError) as exc:
         _fail(str(exc))
+    if outcome.summary.get("warnings"):
+        console.print("[bold yellow]warning:[/] these runs differ beyond the method:", highlight=False)
+        for line in outcome.summary["warnings"]:
+            console.print(f"  - {line}", highlight=False, markup=False)
     console.print(_results_table(outcome.summary))
     console.print(f"report: {outcome.report_html}")
 
@@ -342,6 +414,37 @@ def report(
 
 
 @app.command()
+def evaluate(
+    run_ref: Annotated[str, typer.Argument(help="Run id, unique id prefix, or run directory.")],
+    data: Annotated[str | None, typer.Option(
+        help="Another dataset to test on (default: the run's own); its inputs and classes must fit the model.")] = None,
+    split: Annotated[str, typer.Option(help="Split to test: test, val or train.")] = "test",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override of the run's config before loading, e.g. data.options.path=DIR (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Test a finished run's saved weights (model.safetensors) on its data or another, without retraining."""
+    from ribbed.experiments.evaluate import evaluate_run
+    from ribbed.runs import open_run
+
+    try:
+        result = evaluate_run(open_run(_runs_dir(runs_dir), run_ref), data=data, split=split,
+                              overrides=set_ or [])
+    except (ConfigError, ValueError, LookupError) as exc:
+        _fail(str(exc))
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    table = Table(title=f"{result['run']}: saved weights on {result['dataset']} ({result['split']} split)")
+    for column in ("samples", "loss", "acc", "recorded loss", "recorded acc"):
+        table.add_column(column)
+    table.add_row(str(result["samples"]), _fmt(result["loss"], ".4f"), _fmt(result["acc"], ".4f"),
+                  _fmt(result.get("recorded_loss"), ".4f"), _fmt(result.get("recorded_acc"), ".4f"))
+    console.print(table)
+
+
+@app.command()
 def datasets() -> None:
     """List the datasets (all offline) and their options."""
     from ribbed.data import list_datasets
@@ -359,11 +462,12 @@ def presets() -> None:
     """List the experiment presets that `ribbed run NAME` accepts."""
     from ribbed.experiments.presets import list_presets
 
-    table = Table(title="presets")
-    table.add_column("name")
+    table = Table(title="presets (durations on 2 idle CPU cores unless stated)")
+    table.add_column("name", no_wrap=True)
     table.add_column("description")
-    for name, description in list_presets().items():
-        table.add_row(name, description)
+    table.add_column("takes")
+    for name, info in list_presets().items():
+        table.add_row(name, info.summary, info.duration or "not stated")
     console.print(table)
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "load_config",
     "parse_document",
     "apply_overrides",
+    "route_overrides",
     "deep_merge",
     "config_from_dict",
 ]
@@ -143,7 +144,13 @@ class DistributedConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """How the training loop runs."""
+    """How the training loop runs.
+
+    ``device`` and ``threads`` default to ``auto``: CUDA, then MPS, then the CPU; and a thread
+    count that stays fast on a small shared machine (the rule is in ``ribbed.train.hardware``);
+    the resolved values are recorded in each run's summary. ``log_every``: the loss, steps/s
+    and ETA are reported every so many steps (a plain log line when output is not a terminal).
+    """
 
     steps: PositiveInt = 1000
     grad_accum: PositiveInt = 1
@@ -158,7 +165,9 @@ class TrainConfig(_Strict):
     gradient_method: str = "backprop"
     gradient_options: dict[str, Any] = Field(default_factory=dict)
     plugins: list[PluginConfig] = Field(default_factory=list)
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: PositiveInt | Literal["auto"] = "auto"
+    log_every: PositiveInt = 100
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
@@ -249,13 +258,18 @@ class DatasetEntry(_Strict):
 
 
 class ComparisonConfig(_Strict):
-    """Methods x datasets x seeds around a base run, with an equal tuning budget."""
+    """Methods x datasets x seeds around a base run, with an equal tuning budget.
+
+    ``duration`` says how long the whole comparison takes and on what (``ribbed presets``
+    shows it).
+    """
 
     kind: Literal["comparison"] = "comparison"
     name: str = Field(min_length=1, max_length=64)
     description: str = ""
     baseline: str
     seeds: PositiveInt | list[int] = 3
+    duration: str = ""
     metric: str = "test_acc"
     mode: Literal["max", "min"] = "max"
     base: RunConfig = Field(default_factory=RunConfig)
@@ -291,13 +305,15 @@ class ComparisonConfig(_Strict):
 
 class StudyConfig(_Strict):
     """A measurement study (``ribbed.experiments.studies`` registry): tables and figures, not a
-    training comparison. ``options`` are the study function's keyword arguments."""
+    training comparison. ``options`` are the study function's keyword arguments; ``duration``
+    says how long it takes and on what (``ribbed presets`` shows it)."""
 
     kind: Literal["study"] = "study"
     name: str = Field(min_length=1, max_length=64)
     description: str = ""
     study: str
     options: dict[str, Any] = Field(default_factory=dict)
+    duration: str = ""
 
 
 AnyConfig = RunConfig | ComparisonConfig | StudyConfig
@@ -402,7 +418,46 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
         doc = parse_document(text, fmt)
-    return config_from_dict(apply_overrides(doc, overrides))
+    return config_from_dict(apply_overrides(doc, route_overrides(doc, overrides)))
+
+
+def route_overrides(doc: Mapping[str, Any], overrides: Iterable[str]) -> list[str]:
+    """Overrides of a comparison written as for a single run, sent where they take effect.
+
+    A comparison keeps its run settings under ``base``, so ``train.steps=100`` means
+    ``base.train.steps=100`` (likewise ``schedule``, ``trackers``, and ``data``/``model`` when
+    the comparison has no ``datasets`` list). Keys that the comparison would silently ignore
+    there are errors that say where to set them instead: ``optimizer`` (every method has its
+    own), ``seed`` (``seeds``), and ``data``/``model`` of a comparison with ``datasets``.
+    Overrides of runs and studies, and of the comparison's own fields, pass unchanged.
+    """
+    overrides = list(overrides)
+    if doc.get("kind", "comparison" if "methods" in doc else "run") != "comparison":
+        return overrides
+    methods = doc.get("methods")
+    method = next(iter(methods), "<method>") if isinstance(methods, Mapping) and methods else "<method>"
+    routed = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        path = key.strip()
+        head = path.split(".")[0]
+        if not sep or head in ComparisonConfig.model_fields or head not in RunConfig.model_fields:
+            routed.append(item)
+            continue
+        if head == "optimizer":
+            raise ConfigError(
+                f"override {item!r}: in a comparison every method has its own optimizer; "
+                f"did you mean methods.{method}.{path} (methods: {', '.join(methods or [])})?")
+        if head == "seed":
+            raise ConfigError(f"override {item!r}: a comparison runs every seed in `seeds`; "
+                              "did you mean seeds=N (or --seeds N)?")
+        if head in ("data", "model") and doc.get("datasets"):
+            raise ConfigError(
+                f"override {item!r}: this comparison lists its datasets, each with its own data and "
+                f"model, so base.{path} would be ignored; did you mean "
+                f"methods.{method}.overrides.{path} (per method)?")
+        routed.append(f"base.{item.lstrip()}")
+    return routed
 
 
 # --------------------------------------------------------------------------- messages
@@ -455,6 +510,8 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
             hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
             lines.append(f"  field `{path}`: unknown key{hint}")
             continue
+            if model is ComparisonConfig and len(loc) == 1 and loc[0] in RunConfig.model_fields:
+                hint += f" (a comparison's run settings live under base: did you mean base.{path}?)"
         value = err.get("input")
         lines.append(f"  field `{path}`: got {_show(value)}; {err['msg']}")
     return "\n".join(lines)

@@ -58,6 +58,7 @@ class ActivationStats:
         self.entropy = torch.zeros(n_neurons)
         self.recording = False
         self.seen = False
+        self.passes = 0  # training forward passes recorded since the owner last reset it
 
     def samples(self, output: torch.Tensor) -> torch.Tensor:
         """The output as ``[samples, n_neurons]`` (batch and spatial/time positions as samples)."""
@@ -74,6 +75,7 @@ class ActivationStats:
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
         if not self.recording or not module.training:
             return
+        self.passes += 1
         x = self.neuron_major(output).float().t()
         if self.mean.device != x.device:
             self.mean, self.var, self.entropy = (t.to(x.device) for t in (self.mean, self.var, self.entropy))

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -375,6 +376,7 @@ class RIBBED(torch.optim.Optimizer):
             self._scales: tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]] | None = None
             self._pending: tuple[torch.Tensor, ...] | None = None
             self._routed_at = 0
+            self._warned_unrecorded = False
             self._set_recording(True)
         self.es_every, self.evolve_every = es_every, evolve_every
         self.evolve_population, self.evolve_sigma = evolve_population, evolve_sigma
@@ -395,23 +397,17 @@ class RIBBED(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        """One step: features -> routing -> controllers -> coupling -> chiral -> base update."""
+        """One step: features -> routing -> controllers -> coupling -> chiral -> base update.
+
+        Under ``torch.compile`` only the update itself (the base step and the per-neuron
+        scaling) is traced. What runs before and after it (:meth:`_before_update`,
+        :meth:`_after_update`, selection) runs eagerly (``torch.compiler.disable``): it draws
+        from RIBBED's generator, reads values with ``.item()``, trains the controllers with
+        ``backward()``, and its Python state must advance exactly as in eager mode (traced,
+        the controllers saw no hypergradient and never learned).
+        """
         loss = closure_loss(closure)
-        if self.density is not None:
-            self.density.measure()
-            self.density.arm((self._step_count + 1) % self.density_every == 0)
-        if self.controllers_on and self._step_count % self.feature_every == 0 and self._has_grads():
-            self._update_controllers()
-        if self.es is not None and self._step_count % self.es_every == 0 and self.es.ready():
-            with self._probe(closure, self.es.params) as probe:
-                self.es.blend(probe, self.generator)
-        if self.chiral is not None:
-            if self._step_count % self.graph_every == 0 or not self.chiral.structure:
-                assignment = self.routing.assignment if self.controllers_on else None
-                self.chiral.refresh(self.layers, self.generator, assignment)
-            if self.evolve_chirality and self._step_count % self.evolve_every == 0:
-                self._evolve_chirality(closure)
-            self.chiral.apply(self.layers)
+        self._before_update(closure)
         evolving = (self.controllers_on and bool(self.evolve_every) and self._step_count % self.evolve_every == 0
                     and self._lerp_weights is not None)
         # while every multiplier is exactly 1 (the start, frozen controllers) the step is the base's own
@@ -427,6 +423,31 @@ class RIBBED(torch.optim.Optimizer):
             if self.evolve_every and self._step_count % self.evolve_every == 0:
                 self._evolve_controllers(closure)
             torch._foreach_lerp_(self.neuron_params, self.prev, self._lerp_weights)
+        self._after_update()
+        return loss
+
+    @torch.compiler.disable
+    def _before_update(self, closure: Callable[[], float] | None) -> None:
+        """Information density, the controllers' refresh, guided ES and the chiral term."""
+        if self.density is not None:
+            self.density.measure()
+            self.density.arm((self._step_count + 1) % self.density_every == 0)
+        if self.controllers_on and self._step_count % self.feature_every == 0 and self._has_grads():
+            self._update_controllers()
+        if self.es is not None and self._step_count % self.es_every == 0 and self.es.ready():
+            with self._probe(closure, self.es.params) as probe:
+                self.es.blend(probe, self.generator)
+        if self.chiral is not None:
+            if self._step_count % self.graph_every == 0 or not self.chiral.structure:
+                assignment = self.routing.assignment if self.controllers_on else None
+                self.chiral.refresh(self.layers, self.generator, assignment)
+            if self.evolve_chirality and self._step_count % self.evolve_every == 0:
+                self._evolve_chirality(closure)
+            self.chiral.apply(self.layers)
+
+    @torch.compiler.disable
+    def _after_update(self) -> None:
+        """Count the step, run the resets, and record activations on the steps before a refresh."""
         self._step_count += 1
         if self.resets is not None:
             changed = self.resets.step(self._step_count, self.generator)
@@ -434,7 +455,6 @@ class RIBBED(torch.optim.Optimizer):
                 self._forget(changed)
         if self.controllers_on:
             self._set_recording(self._step_count % self.feature_every == 0)
-        return loss
 
     def _forget(self, changed: dict[nn.Parameter, torch.Tensor]) -> None:
         """After a reset, RIBBED's own per-entry memory of the changed weights restarts at their
@@ -469,7 +489,27 @@ class RIBBED(torch.optim.Optimizer):
                 buffers[p] = buffer
         return buffers
 
+    def _check_recorded(self) -> None:
+        """Warn (once) when a refresh after the first finds that no activation hook recorded a
+        training forward pass since the last refresh while gradients are non-zero: the features
+        would silently lose their activation statistics. Hooks added after the model's first
+        ``torch.compile`` call never run (Dynamo skips the guards on module hooks); so do
+        hooks of a model trained in eval mode or under ``no_grad``. All-zero gradients are not
+        a training step (``torch.distributed.checkpoint`` steps once on zeros to create state)."""
+        hooked = [layer for layer in self.layers if layer.handle is not None]
+        if (hooked and self._pending is not None and not self._warned_unrecorded
+                and not any(layer.stats.passes for layer in hooked)
+                and any(bool(p.grad.any()) for p in self.neuron_params if p.grad is not None)):
+            warnings.warn("RIBBED: no activation hook recorded a training forward pass since the last controller "
+                          "refresh, so the controllers see no activation statistics. Build the optimiser before "
+                          "the model's first torch.compile call (hooks added later never run), train in train "
+                          "mode with gradients on, or set activation_features=False", stacklevel=4)
+            self._warned_unrecorded = True
+        for layer in hooked:
+            layer.stats.passes = 0
+
     def _update_controllers(self) -> None:
+        self._check_recorded()
         prev = dict(zip(self.neuron_params, self.prev, strict=True))
         raw, hyper = neuron_features(self.layers, prev, self._momentum(), self.surprise)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -563,6 +603,7 @@ class RIBBED(torch.optim.Optimizer):
         """What the forward hooks record into (paused during trial evaluations)."""
         return [layer.stats for layer in self.layers] + ([self.density] if self.density is not None else [])
 
+    @torch.compiler.disable
     def _evolve_controllers(self, closure: Callable[[], float] | None) -> None:
         """Selection over the controller bank, each candidate scored on the loss after its trial
         step ``before + m (after - before)``; a mutant replaces the bank only if strictly better."""

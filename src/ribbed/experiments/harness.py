@@ -32,9 +32,11 @@ from ribbed.experiments import stats
 from ribbed.experiments.tuning import apply_params, tune_method
 from ribbed.runs import capture_environment, create_run
 from ribbed.train import Callback, build_run, train
+from ribbed.train.hardware import auto_threads
 
 __all__ = [
-    "Outcome", "Progress", "compare_records", "method_run_config", "run_comparison", "run_entry",
+    "Outcome", "Progress", "compare_records", "fairness_warnings", "fast_dev_config", "method_run_config",
+    "run_comparison", "run_entry",
     "run_single", "summarize_records",
 ]
 
@@ -128,7 +130,7 @@ def _load(entry: DatasetEntry) -> Dataset:
 def _train_recorded(config: RunConfig, data: Dataset, *, runs_dir, progress, label, **record_kw):
     """Build (validated), create the record, train; a crash marks the record failed."""
     parts = build_run(config, data)
-    record = create_run(runs_dir, name=config.name, config=config.model_dump(mode="json"), **record_kw)
+    record = create_run(runs_dir, name=config.name, config=parts.config.model_dump(mode="json"), **record_kw)
     callbacks = [progress.start_run(label, config.train.steps)] if progress else []
     try:
         train(parts, record=record, callbacks=callbacks)
@@ -193,6 +195,41 @@ def method_run_config(
         raise ConfigError(f"method {method_name!r} (the base run with its overrides): {exc}") from None
 
 
+FAST_DEV_STEPS = 3
+
+
+def fast_dev_config(
+    config: RunConfig | ComparisonConfig, steps: int = FAST_DEV_STEPS
+) -> RunConfig | ComparisonConfig:
+    """A smoke test of ``config`` (Lightning's ``fast_dev_run``): every member (each method
+    on each dataset) trains ``steps`` steps with one seed, evaluates once and is tested, with
+    no tuning, so a broken method, option or dataset fails in seconds instead of at the end of
+    a long job. Step counts set by a method's overrides are cut too."""
+    short = {"steps": steps, "eval_every": steps, "stop_at_target": False}
+    if isinstance(config, RunConfig):
+        return config_from_dict(deep_merge(config.model_dump(mode="json"), {"train": short}))
+    doc = config.model_dump(mode="json")
+    doc["base"] = deep_merge(doc["base"], {"train": short})
+    doc["seeds"] = config.seed_list[:1]
+    doc["tuning"]["always"] = False
+    for method in doc["methods"].values():
+        train_overrides = method["overrides"].get("train")
+        if isinstance(train_overrides, dict):
+            train_overrides.update({k: v for k, v in short.items() if k in train_overrides})
+    return config_from_dict(doc)
+
+
+def _fixed_threads(comparison: ComparisonConfig) -> ComparisonConfig:
+    """``threads: auto`` resolved once for the whole comparison, so every run of it (and the
+    recorded config) uses the same count even if the machine's load changes meanwhile."""
+    train_cfg = comparison.base.train
+    if train_cfg.threads != "auto":
+        return comparison
+    base = comparison.base.model_copy(
+        update={"train": train_cfg.model_copy(update={"threads": auto_threads()})})
+    return comparison.model_copy(update={"base": base})
+
+
 def run_comparison(
     comparison: ComparisonConfig,
     *,
@@ -202,6 +239,7 @@ def run_comparison(
 ) -> Outcome:
     """Tune (``tune`` or ``tuning.always``), train every method x dataset x seed, aggregate, report."""
     tune = tune or comparison.tuning.always
+    comparison = _fixed_threads(comparison)
     names = list(comparison.methods)
     datasets = {entry.label: (entry, _load(entry)) for entry in comparison.dataset_entries}
     for entry, dataset in datasets.values():  # reject bad settings before writing anything
@@ -287,14 +325,83 @@ def run_comparison(
     return _write(record, summary)
 
 
+NOT_COMPARED = ("name", "seed", "trackers")
+
+
+def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"steps": 3}}`` as ``{"train.steps": 3}`` (lists and scalars are leaves)."""
+    if not isinstance(doc, dict):
+        return {prefix: doc}
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _values(values: Sequence[Any]) -> str:
+    return ", ".join(dict.fromkeys(str(v) for v in values))
+
+
+def fairness_warnings(runs: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]]) -> list[str]:
+    """What differs between compared runs beyond the method, one line each; empty when the
+    comparison is like for like.
+
+    Runs are compared per dataset (the report compares methods per dataset): any setting
+    outside the optimiser that differs (steps, schedule, batch size, precision, threads,
+    device...), seeds that differ between methods, a method missing on a dataset another
+    method ran on, an optimiser setting that differs between runs of one method, and
+    learning rates that differ between methods (a fair comparison only if each was tuned with
+    the same budget, which the records of separate runs cannot show).
+    """
+    warnings: list[str] = []
+    all_methods = list(dict.fromkeys(run["method"] for run in runs))
+    by_dataset: dict[str, list[tuple[dict, dict]]] = {}
+    for run, config in zip(runs, configs, strict=True):
+        by_dataset.setdefault(run["dataset"], []).append((run, _flatten(config)))
+    for dataset, members in by_dataset.items():
+        where = f" on {dataset}" if len(by_dataset) > 1 else ""
+        methods = list(dict.fromkeys(run["method"] for run, _ in members))
+        missing = [m for m in all_methods if m not in methods]
+        if missing:
+            warnings.append(f"no run of {', '.join(missing)}{where}")
+        keys = list(dict.fromkeys(key for _, flat in members for key in flat))
+        for key in keys:
+            if key.split(".")[0] in NOT_COMPARED:
+                continue
+            per_method = {m: [flat.get(key) for run, flat in members if run["method"] == m] for m in methods}
+            if key.startswith("optimizer."):
+                for method, values in per_method.items():
+                    if len({repr(v) for v in values}) > 1:
+                        warnings.append(f"{key} differs within {method}{where}: {_values(values)}")
+                if key == "optimizer.lr" and len({repr(v) for vs in per_method.values() for v in vs}) > 1:
+                    warnings.append(
+                        f"learning rates differ{where}: "
+                        + "; ".join(f"{m} {_values(vs)}" for m, vs in per_method.items())
+                        + " (fair only if each was tuned with the same budget)")
+                continue
+            if len({repr(v) for vs in per_method.values() for v in vs}) > 1:
+                warnings.append(f"{key} differs{where}: "
+                                + "; ".join(f"{m} {_values(vs)}" for m, vs in per_method.items()))
+        seeds = {m: sorted(run["seed"] for run, _ in members if run["method"] == m) for m in methods}
+        if len({tuple(s) for s in seeds.values()}) > 1:
+            warnings.append(f"seeds differ{where}: "
+                            + "; ".join(f"{m} {_values(s)}" for m, s in seeds.items()))
+    return warnings
+
+
 def compare_records(records: Sequence, *, runs_dir: Path, name: str, baseline: str | None = None) -> Outcome:
-    """Aggregate already finished runs into a new comparison record with its report."""
+    """Aggregate already finished runs into a new comparison record with its report.
+
+    The summary's ``warnings`` list what differs between the runs beyond the method
+    (:func:`fairness_warnings`); the command prints them and the report shows them.
+    """
     if not records:
         raise ValueError("compare: give at least one run")
     unfinished = [r.id for r in records if (r.read_summary() or {}).get("status") is None]
     if unfinished:
         raise ValueError(f"compare: runs {unfinished} have not finished")
     summary = summarize_records(records, kind="comparison", name=name, baseline=baseline)
+    summary["warnings"] = fairness_warnings(summary["runs"], [r.read_config() for r in records])
     record = create_run(
         runs_dir, name=name, kind="comparison",
         config={"compare": [r.id for r in records], "baseline": summary["baseline"]},

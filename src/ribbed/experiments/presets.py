@@ -1,30 +1,40 @@
 """Named experiment presets: YAML configs shipped inside the package.
 
 ``ribbed run NAME`` runs ``presets/NAME.yaml``; ``ribbed presets`` lists them with the first
-line of each preset's ``description``.
+line of each preset's ``description`` (a complete sentence: the tests hold every preset to it)
+and its ``duration``, how long it takes and on what.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 from ribbed.config import ConfigError
 
-__all__ = ["PRESET_DIR", "DEFAULT_PRESET", "list_presets", "preset_path", "resolve_source"]
+__all__ = ["PRESET_DIR", "DEFAULT_PRESET", "PresetInfo", "list_presets", "preset_path", "resolve_source"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "default"
 
 
-def list_presets() -> dict[str, str]:
-    """Preset names and the first line of their descriptions."""
+class PresetInfo(NamedTuple):
+    """What ``ribbed presets`` shows of a preset."""
+
+    summary: str
+    duration: str
+
+
+def list_presets() -> dict[str, PresetInfo]:
+    """Preset names with the first line of their description and their stated duration."""
     presets = {}
     for path in sorted(PRESET_DIR.glob("*.yaml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         description = str(doc.get("description", "")).strip().splitlines()
-        presets[path.stem] = description[0] if description else ""
+        presets[path.stem] = PresetInfo(description[0] if description else "",
+                                        str(doc.get("duration", "")).strip())
     return presets
 
 

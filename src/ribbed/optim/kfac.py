@@ -39,6 +39,7 @@ forward pass during backward and would count a batch twice: use K-FAC without it
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -143,6 +144,7 @@ class KFAC(WrappedOptimizer):
             raise OptimizerError("optimizer 'kfac': the model has no Linear or Conv1d/Conv2d layer to precondition")
         self._pending: dict[nn.Module, dict[str, Any]] = {}
         self._hooks = [m.register_forward_hook(self._forward_hook) for m in self.layers]
+        self._warned_unrecorded = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients and any statistics collected since the last step (a new step begins)."""
@@ -179,6 +181,7 @@ class KFAC(WrappedOptimizer):
     def step(self, closure=None):
         loss = closure_loss(closure)
         group = self.param_groups[0]
+        self._check_recorded()
         self._update_factors(group["factor_decay"])
         preconditioned = [self._precondition(m, group["damping"]) for m in self.layers]
         self._clip_and_write(preconditioned, group)
@@ -187,6 +190,21 @@ class KFAC(WrappedOptimizer):
             state = self.state[module.weight]
             state["steps"] = state.get("steps", 0) + 1
         return loss
+
+    def _check_recorded(self) -> None:
+        """Warn (once) when a collecting step with non-zero gradients finds that no hook recorded
+        a layer's input and output gradient: K-FAC would silently be its base optimiser. Hooks
+        added after the model's first ``torch.compile`` call never run (Dynamo skips the guards
+        on module hooks); so do hooks of a model trained in eval mode or under ``no_grad``. All-zero
+        gradients are not a training step (``torch.distributed.checkpoint`` steps once on zeros)."""
+        if (self._pending or self._warned_unrecorded or not self._collecting()
+                or not any(bool(m.weight.grad.any()) for m in self.layers if m.weight.grad is not None)):
+            return
+        warnings.warn("optimizer 'kfac': no layer's hooks recorded a training forward and backward pass in this "
+                      "step, so K-FAC collects no curvature and steps as its base optimiser. Build K-FAC before "
+                      "the model's first torch.compile call (hooks added later never run) and train in train "
+                      "mode with gradients on", stacklevel=3)
+        self._warned_unrecorded = True
 
     def _update_factors(self, decay: float) -> None:
         for module, pending in self._pending.items():

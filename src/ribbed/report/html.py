@@ -67,6 +67,8 @@ figure { margin: 12px 0 20px; }
 .pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 0 20px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
 figcaption { color: var(--muted); font-size: 0.88em; margin-top: 4px; }
+.warn { background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; padding: 8px 14px; margin: 12px 0; }
+.warn ul { margin: 4px 0 0; }
 footer { margin-top: 40px; color: var(--muted); font-size: 0.85em; }
 """
 
@@ -82,6 +84,7 @@ def render_html(summary: Mapping[str, Any]) -> str:
     """The whole report page as a string."""
     sections = [
         _header(summary),
+        _warnings(summary),
         _results(summary),
         _plots(summary),
         _hyperparameters(summary),
@@ -113,6 +116,16 @@ def _header(summary: Mapping[str, Any]) -> str:
         f"<p class=\"meta\">{''.join(f'<span>{escape(item)}</span>' for item in meta)}</p>\n"
         f"<p>Reproduce with:</p>\n<pre><code>{escape(str(summary['command']))}</code></pre>"
     )
+
+
+def _warnings(summary: Mapping[str, Any]) -> str:
+    """What differs between the compared runs beyond the method (``ribbed compare``)."""
+    lines = summary.get("warnings") or []
+    if not lines:
+        return ""
+    items = "".join(f"<li>{escape(str(line))}</li>" for line in lines)
+    return (f"<div class=\"warn\"><strong>Not like for like:</strong> these runs differ beyond the "
+            f"method.<ul>{items}</ul></div>")
 
 
 def _results(summary: Mapping[str, Any]) -> str:

@@ -28,6 +28,9 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         *_code_block(str(summary["command"])),
         "",
     ]
+    if summary.get("warnings"):
+        lines += ["**Not like for like:** these runs differ beyond the method.", "",
+                  *(f"- {_text(line)}" for line in summary["warnings"]), ""]
     aggregates = summary.get("aggregates") or []
     if aggregates:
         lines += ["## Results", "", *_aggregates_table(summary, aggregates), "",

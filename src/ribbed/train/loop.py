@@ -43,6 +43,7 @@ from ribbed.optim.modes import evaluation_weights, has_evaluation_mode
 from ribbed.train.batches import Sampler, build_sampler
 from ribbed.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from ribbed.train.gradients import GradientMethod, build_gradient_method
+from ribbed.train.hardware import resolve_device, resolve_threads
 from ribbed.train.plugins import TrainingPlugin, build_plugin
 from ribbed.train.precision import Precision
 from ribbed.train.schedule import build_scheduler
@@ -60,6 +61,11 @@ class Callback(Protocol):
 
     def on_eval(self, row: dict[str, float]) -> None: ...
 
+    def on_log(self, row: dict[str, float]) -> None:
+        """Every ``train.log_every`` steps and at the last: ``step``, ``steps`` (the total),
+        ``loss`` (mean since the last log), ``steps_per_s`` (wall clock, evaluations included,
+        as the user waits) and ``eta_s``."""
+
 
 @dataclass
 class RunParts:
@@ -76,6 +82,7 @@ class RunParts:
     device: torch.device
     plugins: list[TrainingPlugin] = field(default_factory=list)
     strategy: Strategy = field(default_factory=lambda: build_strategy(DistributedConfig()))
+    threads: int = field(default_factory=torch.get_num_threads)
 
 
 @dataclass
@@ -92,9 +99,13 @@ class TrainResult:
     diverged_at: int | None
     model: nn.Module = field(repr=False)
     optimizer: torch.optim.Optimizer = field(repr=False)
+    device: str = "cpu"
+    threads: int = 1
 
     def summary(self) -> dict[str, Any]:
         return {
+            "device": self.device,
+            "threads": self.threads,
             "status": self.status,
             "steps": self.steps,
             "final": self.final,
@@ -112,16 +123,13 @@ def task_loss(task: str):
     return F.cross_entropy
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: got 'cuda' but no CUDA device is available; allowed: cpu, auto")
-    return torch.device(name)
-
-
 def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
-    """Build data, model, optimiser and policies from ``config``; raise on any bad setting."""
+    """Build data, model, optimiser and policies from ``config``; raise on any bad setting.
+
+    Sets this process's thread count (``train.threads``) and resolves the device; the
+    returned ``parts.config`` holds the thread count used, so the record written from it lets
+    a resumed run use the same count (results depend on it).
+    """
     load_extensions()
     train_cfg = config.train
     if train_cfg.target and train_cfg.target.metric not in TARGET_METRICS:
@@ -133,7 +141,11 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
             f"train.grad_accum: got {train_cfg.grad_accum}; allowed: a divisor of "
             f"data.batch_size ({config.data.batch_size})"
         )
-    device = _resolve_device(train_cfg.device)
+    device = resolve_device(train_cfg.device)
+    threads = resolve_threads(train_cfg.threads)
+    if train_cfg.threads != threads:  # recorded resolved: a resumed run uses the same count
+        train_cfg = train_cfg.model_copy(update={"threads": threads})
+        config = config.model_copy(update={"train": train_cfg})
     if dataset is None:
         dataset = load_dataset(
             config.data.name,
@@ -182,6 +194,7 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
         device=device,
         plugins=[build_plugin(plugin.name, plugin.options) for plugin in train_cfg.plugins],
         strategy=strategy,
+        threads=threads,
     )
     for plugin in parts.plugins:
         plugin.attach(parts)
@@ -292,6 +305,7 @@ def train(
 
     model.train()
     window_loss, window_steps = 0.0, 0
+    log_loss, log_steps, log_started = 0.0, 0, time.perf_counter()
     with _deterministic(cfg.deterministic):
         while step < cfg.steps:
             started = time.perf_counter()
@@ -325,9 +339,19 @@ def train(
             step += 1
             train_seconds += time.perf_counter() - started
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
+            log_loss, log_steps = log_loss + loss_value, log_steps + 1
             for callback in callbacks:
                 if hasattr(callback, "on_step"):
                     callback.on_step(step, loss_value)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                rate = log_steps / max(now - log_started, 1e-9)
+                log_row = {"step": step, "steps": cfg.steps, "loss": log_loss / log_steps,
+                           "steps_per_s": rate, "eta_s": (cfg.steps - step) / rate}
+                for callback in callbacks:
+                    if hasattr(callback, "on_log"):
+                        callback.on_log(log_row)
+                log_loss, log_steps, log_started = 0.0, 0, now
 
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val = evaluate_split(parts.dataset.val)
@@ -390,6 +414,8 @@ def train(
         diverged_at=diverged_at,
         model=model,
         optimizer=optimizer,
+        device=str(parts.device),
+        threads=parts.threads,
     )
     if record is not None:
         save_weights(record.path / "model.safetensors", strategy.weights(model))
