@@ -86,12 +86,15 @@ TABLE = [
     Entry("upgd", 0.25, 0.004, {"weight_decay": 0.0, "sigma": 1e-6}, quadratic_steps=2000),
     Entry("adamw-l2", 0.3, 0.3, {"base_options": NO_DECAY, "l2": 1e-6}),
     Entry("schedulefree-adamw", 0.3, 0.1, rosenbrock_steps=2000),
+    Entry("norm-projected", 0.3, 0.3, {"base_options": NO_DECAY, "scope": "all"}),
 ]
 
 
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("schedule", "shrink-perturb"): "the shrink and the noise act at any rate, as Ash & Adams define them",
     ("rosenbrock", "upgd"): "gated SGD without momentum needs far more than 1000 steps along the valley",
+    ("quadratic", "norm-projected"): "each neuron's weight norm is held at its initial value; the optimum has another",
+    ("rosenbrock", "norm-projected"): "the weight starts at zero: no direction whose norm could be kept (refused)",
 }
 
 
@@ -189,7 +192,7 @@ def test_the_table_covers_every_registered_optimiser():
     assert sorted(entry.name for entry in TABLE) == OPTIMIZERS.names()
 
 
-@pytest.mark.parametrize("entry", TABLE, ids=str)
+@pytest.mark.parametrize("entry", table_for("quadratic"), ids=str)
 def test_reaches_the_quadratic_optimum(entry):
     problem = quadratic()
     optimizer = build(entry, problem, entry.quadratic_lr)

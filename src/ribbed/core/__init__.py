@@ -13,11 +13,12 @@ label, Hoyer sparsity, per-layer effective rank in the metrics rows) and ``ribbe
 from ribbed.core.density import InformationDensity
 from ribbed.core.hypergradient import AdamHD
 from ribbed.core.optimizer import RIBBED
+from ribbed.core.projection import NormProjected
 from ribbed.core.resets import Resetting
 from ribbed.core.structure import StructureAdaptation
 from ribbed.optim import register_optimizer
 
-__all__ = ["RIBBED", "AdamHD", "InformationDensity", "Resetting", "StructureAdaptation"]
+__all__ = ["RIBBED", "AdamHD", "InformationDensity", "NormProjected", "Resetting", "StructureAdaptation"]
 
 
 @register_optimizer("ribbed", "RIBBED / Meta-BP: per-neuron controllers over a base optimiser (AdamW)",
@@ -43,3 +44,9 @@ def _build_continual_backprop(model, lr, **options) -> Resetting:
 def _build_redo(model, lr, **options) -> Resetting:
     settings = {"reset_rate": 0.0, "reset_threshold": 0.1, "reset_every": 1000, "utility": "activity"}
     return Resetting(model, lr, **{**settings, **options})
+
+
+@register_optimizer("norm-projected", "AdamW with each hidden neuron's incoming weights held at their initial norm "
+                    "(the projection of Normalize-and-Project, Lyle et al. 2024)", signature_of=NormProjected)
+def _build_norm_projected(model, lr, **options) -> NormProjected:
+    return NormProjected(model, lr, **options)

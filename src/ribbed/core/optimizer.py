@@ -35,7 +35,10 @@ Each step runs a fixed chain of small pieces, each switchable off:
 6. **base update**: the wrapped optimiser's own ``step()``;
 7. **resets** (``ribbed.core.resets``, off by default): neurons whose contribution utility stays
    low are re-initialised at a controlled rate (``reset_rate``, continual backprop) or when
-   dormant (``reset_threshold``, ReDo), with fresh optimiser state for their entries.
+   dormant (``reset_threshold``, ReDo), with fresh optimiser state for their entries;
+8. **norm projection** (``ribbed.core.projection``, off by default): each neuron's incoming
+   weights are rescaled to their starting norm, so a multiplier is the neuron's true
+   effective step size however long training runs (``norm_projection``).
 
 Optional research pieces join the chain (all off by default): **guided ES**
 (``ribbed.core.evolution``, every ``es_every`` steps) blends a zeroth-order estimate of each
@@ -88,6 +91,7 @@ from ribbed.core.evolution import (
 from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
 from ribbed.core.hierarchy import ClusterHierarchy, check_hierarchy_settings
 from ribbed.core.layers import NeuronLayer, find_neuron_layers
+from ribbed.core.projection import NeuronNormProjection, check_projection_scope
 from ribbed.core.resets import NeuronResets, check_reset_options
 from ribbed.core.routing import OnlineKMeans
 from ribbed.core.scaled_adamw import scaled_adamw_step, supports_scaled_step
@@ -209,6 +213,9 @@ class RIBBED(torch.optim.Optimizer):
         reset_utility: ``contribution`` (mean |activation| times outgoing weight size, continual
             backprop) or ``activity`` (mean |activation|, ReDo).
         utility_decay: EMA factor of the utility per training forward pass.
+        norm_projection: ``"hidden"`` (every neuron layer but the last) or ``"all"``: after
+            each step, rescale each neuron's incoming weights to their norm at construction
+            (``ribbed.core.projection``; None: off).
         seed: seed of RIBBED's own randomness (controller init, clustering, graphs, resets).
 
     Example:
@@ -276,6 +283,7 @@ class RIBBED(torch.optim.Optimizer):
         reset_every: int = 1,
         reset_utility: str = "contribution",
         utility_decay: float = 0.99,
+        norm_projection: str | None = None,
         seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
@@ -298,6 +306,8 @@ class RIBBED(torch.optim.Optimizer):
         check_reset_options(reset_rate=reset_rate, reset_threshold=reset_threshold, reset_maturity=reset_maturity,
                             reset_every=reset_every, utility_decay=utility_decay, utility=reset_utility)
         resets = reset_rate > 0 or reset_threshold is not None
+        if norm_projection is not None:
+            check_projection_scope(norm_projection)
         check_evolution_options(es_every=es_every, es_population=es_population, es_sigma=es_sigma,
                                 es_alpha=es_alpha, es_subspace=es_subspace, es_weight=es_weight,
                                 evolve_every=evolve_every, evolve_population=evolve_population,
@@ -336,7 +346,7 @@ class RIBBED(torch.optim.Optimizer):
         hooks = controllers and activation_features
         self.layers: list[NeuronLayer] = (
             find_neuron_layers(model, optimised, bins=entropy_bins, hooks=hooks)
-            if controllers or self.chiral or density_every or es_every or resets else []
+            if controllers or self.chiral or density_every or es_every or resets or norm_projection else []
         )
         self.n_neurons = sum(layer.n for layer in self.layers)
         self._step_count = 0
@@ -389,6 +399,7 @@ class RIBBED(torch.optim.Optimizer):
         self.resets = (NeuronResets(self.layers, self.base, reset_rate=reset_rate, reset_threshold=reset_threshold,
                                     reset_maturity=reset_maturity, reset_every=reset_every,
                                     utility_decay=utility_decay, utility=reset_utility) if resets else None)
+        self.projection = NeuronNormProjection(self.layers, scope=norm_projection) if norm_projection else None
         self.needs_batch = bool(es_every or evolve_every or self.unrolled)  # the loop then requires keep-batch
         if self.needs_batch:
             expect_batches(model)
@@ -447,12 +458,14 @@ class RIBBED(torch.optim.Optimizer):
 
     @torch.compiler.disable
     def _after_update(self) -> None:
-        """Count the step, run the resets, and record activations on the steps before a refresh."""
+        """Count the step, run the resets and the norm projection, and record activations on the
+        steps before a refresh."""
         self._step_count += 1
-        if self.resets is not None:
-            changed = self.resets.step(self._step_count, self.generator)
-            if changed:
-                self._forget(changed)
+        changed = self.resets.step(self._step_count, self.generator) if self.resets is not None else None
+        if self.projection is not None:
+            self.projection.project()
+        if changed:
+            self._forget(changed)
         if self.controllers_on:
             self._set_recording(self._step_count % self.feature_every == 0)
 
@@ -753,6 +766,8 @@ class RIBBED(torch.optim.Optimizer):
             state["signal"] = self.signal.state_dict()
         if self.resets is not None:
             state["resets"] = self.resets.state_dict()
+        if self.projection is not None:
+            state["projection"] = self.projection.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -803,6 +818,8 @@ class RIBBED(torch.optim.Optimizer):
         if self.resets is not None:
             self.resets.optimizer = self.base
             self.resets.load_state_dict(state["resets"])
+        if self.projection is not None:
+            self.projection.load_state_dict(state["projection"])
 
     def remove_hooks(self) -> None:
         """Detach the activation hooks from the model."""

@@ -1,0 +1,172 @@
+"""Neuron norm projection: each neuron's incoming weights kept at the norm they started with.
+
+After every optimiser step the weight vector feeding each neuron (a row of a ``Linear``
+weight, an output channel of a ``Conv`` weight) is rescaled to the norm it had when the
+projection was built; biases are left free. This is the projection half of Normalize-and-Project
+(Lyle et al., "Normalization and effective learning rates in reinforcement learning", NeurIPS
+2024), applied per neuron as in weight normalisation with a fixed gain (Salimans & Kingma,
+NeurIPS 2016). Why it belongs beside RIBBED's controllers: a neuron's effective step size is
+its learning rate divided by its squared weight norm, so as norms grow under a long stream of
+tasks every step shrinks, and a step-size multiplier is fighting a drift it cannot see. With
+the norms held fixed the effective rate of each neuron is exactly ``lr * multiplier / norm^2``,
+so the multipliers the controllers learn are the neurons' true step sizes.
+
+Scope: ``"hidden"`` projects every neuron layer but the last one in module order (the output
+layer keeps its free scale, which sets the logits' temperature); ``"all"`` projects every
+layer. A neuron replaced by a reset (:mod:`ribbed.core.resets`) is projected back to its
+layer's target at the next step like any other.
+
+Not a library function: torch's ``weight_norm`` parametrisation reparametrises the module (its
+forward recomputes ``g * v / |v|``, and the optimiser then sees ``g`` and ``v``, not the
+weight), which changes what the base optimiser's moments are about; the projection here acts on
+the weight the optimiser owns, after its step, at the cost of one row-norm per layer.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from ribbed.core.layers import find_neuron_layers
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> layers = find_neuron_layers(model, set(model.parameters()), hooks=False)
+    >>> projection = NeuronNormProjection(layers, scope="hidden")
+    >>> before = model[0].weight.norm(dim=1).clone()
+    >>> with torch.no_grad():
+    ...     model[0].weight.mul_(3.0)
+    >>> projection.project()
+    >>> torch.allclose(model[0].weight.norm(dim=1), before)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ribbed.checks import check_number
+from ribbed.core.layers import NeuronLayer, find_neuron_layers
+from ribbed.optim.state import attach_global, detach, hooked_load_state_dict, hooked_state_dict
+
+__all__ = ["PROJECTION_SCOPES", "NeuronNormProjection", "NormProjected", "check_projection_scope"]
+
+PROJECTION_SCOPES = ("hidden", "all")
+
+
+def check_projection_scope(scope: Any, field: str = "norm_projection") -> str:
+    if scope not in PROJECTION_SCOPES:
+        raise ValueError(f"{field}: got {scope!r}; allowed: {', '.join(map(repr, PROJECTION_SCOPES))}")
+    return scope
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The norm of each neuron's incoming weights, shaped to broadcast against ``weight``."""
+    norms = torch.linalg.vector_norm(weight.flatten(1), dim=1)
+    return norms.view(-1, *([1] * (weight.dim() - 1)))
+
+
+class NeuronNormProjection:
+    """Holds each projected neuron's incoming-weight norm at its value when this was built."""
+
+    def __init__(self, layers: list[NeuronLayer], *, scope: str = "hidden"):
+        check_projection_scope(scope)
+        chosen = layers[:-1] if scope == "hidden" else list(layers)
+        self.scope = scope
+        self.names = [layer.name for layer in chosen]
+        self.weights = [layer.weight for layer in chosen]
+        with torch.no_grad():
+            # kept in at least float32 (a bfloat16 norm is only good to ~3 digits)
+            self.targets = [_row_norms(w.detach().to(torch.promote_types(w.dtype, torch.float32)))
+                            for w in self.weights]
+        zero = [name for name, target in zip(self.names, self.targets, strict=True) if not bool((target > 0).all())]
+        if zero:
+            raise ValueError(f"norm_projection: layers {zero} have a neuron whose incoming weights are all zero "
+                             "(no direction to keep); allowed: layers initialised with non-zero weights")
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Rescale every projected neuron's incoming weights back to their target norm."""
+        if not self.weights:
+            return
+        factors = [(target / _row_norms(w.to(target.dtype)).clamp_min(1e-12)).to(w.dtype)
+                   for w, target in zip(self.weights, self.targets, strict=True)]
+        torch._foreach_mul_(self.weights, factors)
+
+    def telemetry(self) -> dict[str, float]:
+        return {"projection_layers": float(len(self.weights))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scope": self.scope, "targets": [t.clone() for t in self.targets]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["scope"] != self.scope or len(state["targets"]) != len(self.targets):
+            raise ValueError(f"norm_projection state: saved for scope {state['scope']!r} over "
+                             f"{len(state['targets'])} layers; this projection has scope {self.scope!r} over "
+                             f"{len(self.targets)} layers")
+        for mine, saved in zip(self.targets, state["targets"], strict=True):
+            if mine.shape != saved.shape:
+                raise ValueError(f"norm_projection state: a layer's targets have shape {tuple(saved.shape)}; "
+                                 f"this model's layer has {tuple(mine.shape)}")
+            mine.copy_(saved)
+
+
+class NormProjected(torch.optim.Optimizer):
+    """A base optimiser followed by the neuron norm projection (registry ``norm-projected``).
+
+    The baseline that tells whether RIBBED's controllers add anything to the projection alone.
+    The base is built by registry name (AdamW by default) and shares its ``param_groups`` and
+    ``state``, so LR schedulers work unchanged; the state dict is the base's, in torch's layout,
+    with the projection's targets in the first trainable parameter's entry.
+    """
+
+    state_key = "norm_projection"
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, *, base: Any = "adamw",
+                 base_options: dict[str, Any] | None = None, scope: str = "hidden"):
+        from ribbed.core.optimizer import _build_base
+
+        check_number("lr", lr, "a number > 0", lambda v: v > 0)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: got a {type(model).__name__}; allowed: an nn.Module (the projection needs "
+                            "the layers, not a parameter list)")
+        self.base = _build_base(base, model, None, lr, dict(base_options or {}))
+        super().__init__(self.base.param_groups, self.base.defaults)
+        self.param_groups, self.state = self.base.param_groups, self.base.state
+        optimised = {p for group in self.param_groups for p in group["params"]}
+        self.projection = NeuronNormProjection(find_neuron_layers(model, optimised, hooks=False), scope=scope)
+        if not self.projection.weights:
+            raise ValueError(f"norm_projection: scope {scope!r} selects no layer of this model (it has "
+                             "fewer than two Linear/Conv layers); allowed: scope 'all', or a deeper model")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.base.step()
+        self.projection.project()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def telemetry(self) -> dict[str, float]:
+        return self.projection.telemetry()
+
+    def state_dict(self) -> dict[str, Any]:
+        params = [p for group in self.param_groups for p in group["params"]]
+        return hooked_state_dict(self, lambda: attach_global(self.base.state_dict(), self.state_key,
+                                                             self.projection.state_dict(), params))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        def load(saved: dict[str, Any]) -> None:
+            base_state, found = detach(saved, self.state_key)
+            if len(found) != 1:
+                raise KeyError(f"state dict: expected one {self.state_key!r} entry (the projection's targets), "
+                               f"found {len(found)}; it was not saved by NormProjected")
+            self.base.load_state_dict(base_state)
+            self.param_groups, self.state = self.base.param_groups, self.base.state
+            self.projection.load_state_dict(next(iter(found.values())))
+
+        hooked_load_state_dict(self, state_dict, load)
