@@ -20,12 +20,13 @@ from tests.browser import dump_dom, find_chromium, screenshot
 EVIL = "<script>alert(1)</script>"
 EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
 DATASET = "mnist1d/cnn1d"
-IMAGES_PER_DATASET = 3  # curves, final metric, time to target
+IMAGES_PER_DATASET = 4  # curves, final metric, steps to target; the internals' curves (collapsed)
 PNG_SRC = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
-def _history(final_acc: float, steps: int, seed: int) -> list[dict]:
-    """A plausible learning curve approaching ``final_acc``."""
+def _history(final_acc: float, steps: int, seed: int, internals: bool = False) -> list[dict]:
+    """A plausible learning curve approaching ``final_acc``; with ``internals``, Adam-HD-like
+    per-neuron learning rates that barely differ (as the issue's report hid)."""
     rng = np.random.default_rng(seed)
     history = []
     for step in range(100, steps + 1, 100):
@@ -36,11 +37,13 @@ def _history(final_acc: float, steps: int, seed: int) -> list[dict]:
             "val_loss": 2.3 * (1 - progress) + 0.2 + 0.02 * rng.random(),
             "val_acc": final_acc * progress + 0.01 * rng.random(),
         })
+        if internals:
+            history[-1].update(hd_lr_mean=0.1, hd_lr_min=0.0998, hd_lr_max=0.1002)
     return history
 
 
 def _run(method: str, seed: int, final_acc: float, diverged_at: int | None = None) -> dict:
-    history = _history(final_acc, diverged_at or 1500, seed)
+    history = _history(final_acc, diverged_at or 1500, seed, internals=method == EVIL)
     reached = next((h for h in history if h["val_acc"] >= 0.9), None) if diverged_at is None else None
     return {
         "id": f"{method}-{seed}", "method": method, "dataset": DATASET, "seed": seed,
@@ -123,7 +126,48 @@ def test_markdown_has_command_table_and_plain_verdicts(report):
     assert re.search(r"^\| adamw \| mnist1d/cnn1d \| 3 \| 0 \| 0\.935 ± 0\.012 \| 3/3 \|", markdown, flags=re.M)
     assert re.search(r"^\| adamw \| mnist1d/cnn1d \| 3 \| 0 \| 0\.935 ± 0\.012 \| 3/3 \| \d+ ± \d+ \|", markdown,
                      flags=re.M), "steps to target come with their interval"
-    assert f"- {EVIL_ESCAPED} on {DATASET}: worse than adamw (p=" in markdown
+    assert f"- {EVIL_ESCAPED} on {DATASET}: 0.805, −0.13 against adamw, worse than adamw (p=" in markdown
+    assert f"- adamw on {DATASET}: 0.935, the baseline" in markdown  # every method, not only the losers
+
+
+def test_narrative_says_who_won_by_how_much_at_which_lr_and_what_the_internals_did(report):
+    html, markdown, _ = report
+    story = html.split('<div class="story">', 1)[1].split("</div>", 1)[0]
+    assert "adamw had the best test_acc, 0.935 (mean of 3 runs, lr 0.003)" in story
+    assert f"the baseline leads the next best, {EVIL_ESCAPED} (0.805, lr 0.1), by 0.13: significantly worse" in story
+    assert "Steps to val_acc ≥ 0.9, the primary speed figure: adamw 1267 (3/3 runs); not reached by" in story
+    assert "Training time per step, measured within each run (evaluation excluded): adamw 20.67 ms" in story
+    assert f"Inside {EVIL_ESCAPED}: the per-neuron learning rates ended within ±0.2% of their mean 0.1" in story
+    assert EVIL not in story
+    assert html.index('<div class="story">') < html.index("Reproduce with")  # at the top
+    assert "- adamw had the best test_acc" in markdown.split("Reproduce with", 1)[0]
+
+
+def test_internals_are_collapsed_and_explained_and_time_is_per_step(report):
+    html = report[0]
+    internals = html.split("<details>", 1)[1].split("</details>", 1)[0]
+    assert "<summary><h2>Method internals (3 metrics)</h2></summary>" in internals
+    assert "Adam-HD: mean per-neuron learning rate learned by hypergradient descent" in internals
+    assert len(PNG_SRC.findall(internals)) == 1 and "hd_lr_mean" in internals
+    outside = html.replace(internals, "")
+    assert "hd_lr" not in outside.split("<h2>Plots</h2>", 1)[1]  # no internals among the open curves
+    assert "Seconds to target" not in html and "ms per step" in html
+    assert "<td class=\"num\">20.7 ms</td>" in html  # (30 + 31 + 32) s / 3 over 1500 steps
+
+
+def test_a_single_evaluation_point_is_drawn_as_a_marker():
+    from matplotlib.figure import Figure
+
+    from ribbed.report.plots import draw_curve
+
+    run = _run("adamw", 0, 0.9) | {"history": [{"step": 10, "val_acc": 0.5}]}
+    ax = Figure().add_subplot()
+    draw_curve(ax, "val_acc", [run], "C0", "adamw")
+    (line,) = ax.lines
+    assert line.get_marker() == "o"
+    ax = Figure().add_subplot()
+    draw_curve(ax, "val_acc", [_run("adamw", 0, 0.9)], "C0", "adamw")
+    assert ax.lines[0].get_marker() in (None, "None", "")
 
 
 @pytest.mark.parametrize("history", [[], None])

@@ -219,3 +219,13 @@ def _finite_or_none(x: float) -> float | None:
 
 def _mean_or_none(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
+
+
+def step_time_ms(runs: Sequence[Run]) -> float | None:
+    """Mean training time per step in milliseconds over the completed runs, each measured
+    within its own run (``train_seconds / steps``; evaluation excluded). Unlike seconds to
+    target, which add up wall-clock time of runs executed one after another, it does not
+    depend on which run happened to share the machine with a busy neighbour."""
+    times = [1000.0 * r["train_seconds"] / r["steps"] for r in runs
+             if r["status"] == "completed" and r.get("train_seconds") is not None and r.get("steps")]
+    return _mean_or_none(times)

@@ -58,6 +58,11 @@ def seconds(x: float | None) -> str:
     return MISSING if x is None else f"{x:.1f} s"
 
 
+def milliseconds(x: float | None) -> str:
+    """A duration in milliseconds, three significant figures, e.g. ``2.51 ms``."""
+    return MISSING if x is None else f"{x:.3g} ms"
+
+
 def run_status(run: Mapping[str, Any]) -> str:
     """A run's status, naming the step of divergence when known."""
     if run["status"] == "diverged" and run.get("diverged_at") is not None:
@@ -84,21 +89,26 @@ def mapping(values: Mapping[str, Any]) -> str:
     return "\n".join(f"{key} = {number(value)}" for key, value in values.items())
 
 
-def compare_line(row: Mapping[str, Any], baseline: str) -> str | None:
-    """A plain sentence for an aggregate row that does not beat the baseline, else None.
+def compare_line(row: Mapping[str, Any], baseline: str, baseline_mean: float | None = None) -> str:
+    """A plain sentence for one aggregate row against the baseline, whatever its verdict.
 
-    Example: ``sgd on mnist1d/cnn1d: no significant difference from adamw (p=0.41)``.
+    Example: ``sgd on mnist1d/cnn1d: 0.9631, −0.0049 against adamw, no significant difference
+    (p=0.41)``.
     """
     verdict = row["verdict"]
-    if verdict in ("baseline", "better"):
-        return None
     where = f"{row['method']} on {row['dataset']}"
-    if verdict == "worse":
-        sentence = f"{where}: worse than {baseline} ({p_clause(row['p_value'])})"
-    elif verdict == "no significant difference":
-        sentence = f"{where}: no significant difference from {baseline} ({p_clause(row['p_value'])})"
+    if verdict == "baseline":
+        sentence = f"{where}: {number(row['mean'])}, the baseline"
+    elif row["mean"] is None or verdict == "insufficient data":
+        sentence = f"{where}: too few completed runs to compare with {baseline} (n={row['n']} completed)"
     else:
-        sentence = f"{where}: {verdict} to compare with {baseline} (n={row['n']} completed)"
+        difference = ""
+        if baseline_mean is not None:
+            delta = row["mean"] - baseline_mean
+            difference = f", {'+' if delta >= 0 else '−'}{number(abs(delta), 2)}"
+        judged = (f"{verdict} than {baseline}" if verdict in ("better", "worse")
+                  else f"no significant difference from {baseline}")
+        sentence = f"{where}: {number(row['mean'])}{difference} against {baseline}, {judged} ({p_clause(row['p_value'])})"
     if row.get("n_diverged"):
         sentence += f"; {row['n_diverged']} run(s) diverged"
     return sentence

@@ -14,14 +14,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any, NamedTuple
 
-from ribbed.experiments.stats import group_runs
+from ribbed.experiments.stats import group_runs, step_time_ms
 from ribbed.report import formatting as fmt
+from ribbed.report.metrics import describe
+from ribbed.report.narrative import final_internals, narrative
 from ribbed.report.plots import (
     Plot,
     curves_plot,
     final_metric_plot,
     method_colors,
-    time_to_target_plot,
+    steps_to_target_plot,
 )
 
 VERDICT_CLASSES = {
@@ -69,6 +71,10 @@ figure img { max-width: 100%; height: auto; border: 1px solid var(--line); borde
 figcaption { color: var(--muted); font-size: 0.88em; margin-top: 4px; }
 .warn { background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; padding: 8px 14px; margin: 12px 0; }
 .warn ul { margin: 4px 0 0; }
+.story { background: #f6f8fa; border: 1px solid var(--line); border-radius: 6px; padding: 8px 14px; margin: 12px 0; }
+.story ul { margin: 4px 0 0; padding-left: 20px; }
+details > summary { cursor: pointer; }
+details > summary h2 { display: inline-block; border: 0; margin: 28px 0 6px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 0.85em; }
 """
 
@@ -87,6 +93,7 @@ def render_html(summary: Mapping[str, Any]) -> str:
         _warnings(summary),
         _results(summary),
         _plots(summary),
+        _internals(summary),
         _hyperparameters(summary),
         _runs(summary),
         _environment(summary),
@@ -114,8 +121,18 @@ def _header(summary: Mapping[str, Any]) -> str:
     return (
         f"<h1>{escape(str(summary['name']))} <span class=\"kind\">{escape(str(summary['kind']))}</span></h1>\n"
         f"<p class=\"meta\">{''.join(f'<span>{escape(item)}</span>' for item in meta)}</p>\n"
+        f"{_narrative(summary)}"
         f"<p>Reproduce with:</p>\n<pre><code>{escape(str(summary['command']))}</code></pre>"
     )
+
+
+def _narrative(summary: Mapping[str, Any]) -> str:
+    """The generated summary sentences, first thing under the title."""
+    sentences = narrative(summary)
+    if not sentences:
+        return ""
+    items = "".join(f"<li>{escape(sentence)}</li>" for sentence in sentences)
+    return f"<div class=\"story\"><strong>In short</strong><ul>{items}</ul></div>\n"
 
 
 def _warnings(summary: Mapping[str, Any]) -> str:
@@ -135,7 +152,8 @@ def _results(summary: Mapping[str, Any]) -> str:
         return "<h2>Final metrics</h2>\n" + _final_metrics(summary["runs"])
     metric = summary["primary_metric"]["name"]
     headers = ["Method", "Dataset", "Runs", f"{metric} (mean ± 95% CI)", "Reached target",
-               "Steps to target (mean ± 95% CI)", "Seconds to target", f"p vs {summary['baseline']}", "Verdict"]
+               "Steps to target (mean ± 95% CI)", "ms per step", f"p vs {summary['baseline']}", "Verdict"]
+    grouped = group_runs(summary["runs"], summary["baseline"])
     body = [
         [
             row["method"],
@@ -145,7 +163,7 @@ def _results(summary: Mapping[str, Any]) -> str:
             Cell(str(row["reached_target"]) if summary.get("target") else fmt.MISSING, "num"),
             Cell(fmt.steps(row["steps_to_target_mean"], row.get("steps_to_target_ci_low"),
                            row.get("steps_to_target_ci_high")), "num"),
-            Cell(fmt.seconds(row["seconds_to_target_mean"]), "num"),
+            Cell(fmt.milliseconds(step_time_ms(grouped.get(row["dataset"], {}).get(row["method"], []))), "num"),
             Cell(fmt.p_value(row["p_value"]), "num"),
             Cell(str(row["verdict"]), VERDICT_CLASSES.get(row["verdict"], "")),
         ]
@@ -155,7 +173,10 @@ def _results(summary: Mapping[str, Any]) -> str:
         "Mean over completed runs ± half-width of the 95% Student-t interval. Diverged and failed "
         "runs are counted, never averaged in. p: two-sided Welch t-test against the baseline on the "
         "same dataset; the verdict says better or worse only when that difference is significant. "
-        "Steps and seconds to target are means over the runs that reached it."
+        "Steps to target are means over the runs that reached it, counted at evaluations. ms per step: "
+        "training time per step measured within each run (evaluation excluded), mean over completed "
+        "runs; unlike seconds to target it does not depend on what ran on the machine at the same time "
+        "as another run."
     )
     return f"<h2>Results</h2>\n{_table(headers, body)}\n<p class=\"note\">{escape(note)}</p>"
 
@@ -182,12 +203,39 @@ def _plots(summary: Mapping[str, Any]) -> str:
         curves = curves_plot(dataset, by_method, colors)
         summaries = [final_metric_plot(dataset, by_method, colors, metric, summary["baseline"])]
         if summary.get("target"):
-            summaries.append(time_to_target_plot(dataset, by_method, colors, summary["target"]))
+            summaries.append(steps_to_target_plot(dataset, by_method, colors, summary["target"]))
         parts.append(f"<h3>{escape(str(dataset))}</h3>")
         parts.append(_figure(curves) if curves else
                      "<p class=\"note\">No training history was recorded for completed runs.</p>")
         parts.append("<div class=\"pair\">" + "".join(_figure(p) for p in summaries if p) + "</div>")
     return "\n".join(parts)
+
+
+def _internals(summary: Mapping[str, Any]) -> str:
+    """The methods' own metrics (RIBBED's multipliers, Adam-HD's rates...), collapsed: a table
+    with what each measures and its final value per method, then their curves."""
+    grouped = group_runs(summary["runs"], summary["baseline"])
+    finals = {method: final_internals([run for run in summary["runs"] if run["method"] == method])
+              for method in dict.fromkeys(run["method"] for run in summary["runs"])}
+    keys = list(dict.fromkeys(key for values in finals.values() for key in values))
+    if not keys:
+        return ""
+    methods = [method for method, values in finals.items() if values]
+    body = [[Cell(key), describe(key), *(Cell(fmt.number(finals[m].get(key)), "num") for m in methods)]
+            for key in keys]
+    colors = method_colors(list(dict.fromkeys(m for by_method in grouped.values() for m in by_method)))
+    figures = []
+    for dataset, by_method in grouped.items():
+        plot = curves_plot(dataset, by_method, colors, internal=True)
+        if plot is not None:
+            figures.append(f"<h3>{escape(str(dataset))}</h3>\n{_figure(plot)}")
+    return (
+        f"<details>\n<summary><h2>Method internals ({len(keys)} metrics)</h2></summary>\n"
+        "<p class=\"note\">What the optimisers and plug-ins report about themselves, at the last "
+        "evaluation (mean over completed runs). They explain a result; they are not results.</p>\n"
+        + _table(["Metric", "What it measures", *(f"final, {m}" for m in methods)], body)
+        + "\n" + "\n".join(figures) + "\n</details>"
+    )
 
 
 def _figure(plot: Plot) -> str:
@@ -213,7 +261,7 @@ def _hyperparameters(summary: Mapping[str, Any]) -> str:
 def _runs(summary: Mapping[str, Any]) -> str:
     metric = summary["primary_metric"]["name"]
     headers = ["Run", "Method", "Dataset", "Seed", "Status", f"final {metric}",
-               "Steps to target", "Seconds to target", "Steps", "Train seconds"]
+               "Steps to target", "ms per step", "Steps", "Train seconds"]
     body = [
         [
             str(run.get("id", fmt.MISSING)),
@@ -223,7 +271,7 @@ def _runs(summary: Mapping[str, Any]) -> str:
             _status_cell(run),
             Cell(fmt.number((run.get("final") or {}).get(metric)), "num"),
             Cell(fmt.number(run.get("steps_to_target")), "num"),
-            Cell(fmt.seconds(run.get("seconds_to_target")), "num"),
+            Cell(fmt.milliseconds(step_time_ms([run])), "num"),
             Cell(fmt.number(run.get("steps")), "num"),
             Cell(fmt.seconds(run.get("train_seconds")), "num"),
         ]

@@ -21,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ribbed.experiments.stats import mean_ci
+from ribbed.report.metrics import is_internal
 
 DPI = 100
 NOT_CURVES = ("step", "time", "lr")
@@ -43,15 +44,17 @@ def method_colors(methods: Sequence[str]) -> dict[str, Any]:
     return {method: palette[i % len(palette)] for i, method in enumerate(methods)}
 
 
-def curves_plot(dataset: str, by_method: MethodRuns, colors: Mapping[str, Any]) -> Plot | None:
-    """Validation and training curves against step, one panel per logged metric.
+def curves_plot(dataset: str, by_method: MethodRuns, colors: Mapping[str, Any],
+                internal: bool = False) -> Plot | None:
+    """Curves against step, one panel per logged metric: the training curves (``internal``
+    False) or the methods' internals (True; see :mod:`ribbed.report.metrics`).
 
     Each line is the mean over the completed runs of a method at each logged step and
-    the band spans their minimum to maximum. Diverged runs are left out of the curves
-    (their values would swamp the scale) and marked by a dotted vertical line at the
-    step where they diverged.
+    the band spans their minimum to maximum; a method evaluated once is a marker, not an
+    invisible one-point line. Diverged runs are left out of the curves (their values would
+    swamp the scale) and marked by a dotted vertical line at the step where they diverged.
     """
-    keys = _curve_keys(by_method)
+    keys = [key for key in _curve_keys(by_method) if is_internal(key) == internal]
     if not keys:
         return None
     ncols = min(3, len(keys))
@@ -68,8 +71,9 @@ def curves_plot(dataset: str, by_method: MethodRuns, colors: Mapping[str, Any]) 
             ax.set_yscale("log")
     if fig.axes[0].get_legend_handles_labels()[0]:
         fig.axes[0].legend(fontsize="small")
+    what = "internal metrics of the methods" if internal else "metrics"
     return Plot(
-        caption=f"{dataset}: metrics over training steps. Line: mean over completed seeds; "
+        caption=f"{dataset}: {what} over training steps. Line: mean over completed seeds; "
         "band: min–max; dotted line: a run diverged there.",
         alt=f"Curves of {', '.join(keys)} against step on {dataset}, one line per method.",
         png=_png(fig),
@@ -118,12 +122,14 @@ def final_metric_plot(
     )
 
 
-def time_to_target_plot(
+def steps_to_target_plot(
     dataset: str, by_method: MethodRuns, colors: Mapping[str, Any], target: Mapping[str, Any]
 ) -> Plot | None:
-    """Wall-clock seconds to reach the target: mean bar with 95% CI over the runs that
-    reached it, the fraction that reached it above each bar, and ``not reached`` where
-    no run of a method got there."""
+    """Training steps to reach the target: mean bar with 95% CI over the runs that reached
+    it, the fraction that reached it in the bar, and ``not reached`` where no run of a method
+    got there. Steps, not seconds: seconds of runs executed one after another depend on what
+    else the machine was doing at the time (per-step time, measured within each run, is in
+    the results table)."""
     if not by_method:
         return None
     methods = list(by_method)
@@ -131,8 +137,8 @@ def time_to_target_plot(
     ax = fig.add_subplot()
     for x, method in enumerate(methods):
         runs = by_method[method]
-        reached = [r["seconds_to_target"] for r in runs
-                   if r["status"] == "completed" and r.get("seconds_to_target") is not None]
+        reached = [r["steps_to_target"] for r in runs
+                   if r["status"] == "completed" and r.get("steps_to_target") is not None]
         if not reached:
             ax.annotate(f"not reached\n(0/{len(runs)})", (x, 0.04), xycoords=("data", "axes fraction"),
                         ha="center", va="bottom", color="0.35", fontsize="small")
@@ -148,13 +154,14 @@ def time_to_target_plot(
     ax.set_xlim(-0.6, len(methods) - 0.4)
     ax.set_ylim(bottom=0)
     ax.margins(y=0.15)
-    ax.set_ylabel("seconds")
-    ax.set_title(f"time to {_label(target['metric'])} {relation} {target['value']:g}")
+    ax.set_ylabel("training steps")
+    ax.set_title(f"steps to {_label(target['metric'])} {relation} {target['value']:g}")
     ax.grid(axis="y", alpha=0.3)
     return Plot(
-        caption=f"{dataset}: seconds to reach {target['metric']} {relation} {target['value']:g}. "
-        "Bar: mean over runs that reached it; error bar: 95% interval; in the bar: runs that reached it.",
-        alt=f"Bar chart of seconds to target on {dataset} per method.",
+        caption=f"{dataset}: training steps to reach {target['metric']} {relation} {target['value']:g} "
+        "(measured at evaluations). Bar: mean over runs that reached it; error bar: 95% interval; "
+        "in the bar: runs that reached it.",
+        alt=f"Bar chart of steps to target on {dataset} per method.",
         png=_png(fig),
     )
 
@@ -189,7 +196,8 @@ def draw_curve(ax: Axes, key: str, runs: Sequence[Mapping[str, Any]], color: Any
     if not by_step:
         return
     steps = sorted(by_step)
-    ax.plot(steps, [np.mean(by_step[s]) for s in steps], color=color, linewidth=1.8, label=label)
+    ax.plot(steps, [np.mean(by_step[s]) for s in steps], color=color, linewidth=1.8, label=label,
+            marker="o" if len(steps) == 1 else None)
     ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                     color=color, alpha=0.18, linewidth=0)
 
