@@ -168,6 +168,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert metrics(record_dir) == metrics(whole_dir_run)
     final = json.loads((record_dir / "summary.json").read_text())
     assert final["status"] == "completed"
+    assert f"ribbed run {config}" in (record_dir / "report.md").read_text()  # not `ribbed resume ID`
     assert final["final"] == json.loads((whole_dir_run / "summary.json").read_text())["final"]
 
 
@@ -335,3 +336,14 @@ def test_evaluate_tests_saved_weights_on_the_runs_data_or_another(tmp_path):
     assert misfit.exit_code == 2 and "do not fit" in misfit.output and "mnist1d" in misfit.output
     bad_split = _invoke("evaluate", row["id"], "--split", "dev", "--runs-dir", str(runs_dir))
     assert bad_split.exit_code == 2 and "'dev'" in bad_split.output and "test, val, train" in bad_split.output
+
+
+def test_a_rewritten_report_still_shows_the_command_that_made_the_run(tmp_path):
+    runs_dir = tmp_path / "runs"
+    config = _write_config(tmp_path / "tiny.yaml", tiny_dict(train={"steps": 10, "eval_every": 10}))
+    assert _ribbed_run("run", str(config), runs_dir=runs_dir).returncode == 0
+    (row,) = list_runs(runs_dir)
+    rewritten = _ribbed_run("report", row["id"], runs_dir=runs_dir)
+    assert rewritten.returncode == 0, rewritten.stderr
+    markdown = (open_run(runs_dir, row["id"]).path / "report.md").read_text()
+    assert f"ribbed run {config}" in markdown and "ribbed report" not in markdown

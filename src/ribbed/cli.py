@@ -160,16 +160,22 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 
 
 def _results_table(summary: dict) -> Table:
+    """The aggregates as a table; time is per step, measured within each run (not seconds to
+    target, which depend on what else ran on the machine at the time)."""
+    from ribbed.experiments.stats import group_runs, step_time_ms
+
     metric = summary.get("primary_metric", {}).get("name", "metric")
     table = Table(title=f"{summary.get('name')}: {metric} (mean ± 95% CI)")
+    grouped = group_runs(summary.get("runs", []), summary.get("baseline"))
     for column in ("method", "dataset", metric, "reached target", "steps to target",
-                   "s to target", "p vs baseline", "verdict"):
+                   "ms/step", "p vs baseline", "verdict"):
         table.add_column(column)
     for row in summary.get("aggregates", []):
         table.add_row(
             str(row["method"]), str(row["dataset"]), _format_ci(row),
             str(row.get("reached_target", "-")), _fmt(row.get("steps_to_target_mean"), ".0f"),
-            _fmt(row.get("seconds_to_target_mean"), ".1f"), _fmt(row.get("p_value"), ".3g"),
+            _fmt(step_time_ms(grouped.get(row["dataset"], {}).get(row["method"], [])), ".3g"),
+            _fmt(row.get("p_value"), ".3g"),
             str(row.get("verdict", "")),
         )
     return table

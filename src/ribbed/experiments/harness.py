@@ -12,6 +12,7 @@ config never leaves a half-made comparison behind.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -61,8 +62,18 @@ class Outcome:
     report_md: Path
 
 
-def _command() -> str:
+def _command(record=None) -> str:
+    """The command that made ``record`` (its ``env.json`` argv, written when it was created),
+    so a report rewritten later (``ribbed report``) or after ``ribbed resume`` still says how
+    to reproduce the run; this process's command line without a record or that file."""
     argv = list(sys.argv)
+    if record is not None:
+        try:
+            recorded = json.loads(record.env_path.read_text(encoding="utf-8")).get("argv")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, list) and recorded and all(isinstance(a, str) for a in recorded):
+            argv = recorded
     if argv and Path(argv[0]).name in ("ribbed", "__main__.py"):
         argv[0] = "ribbed"
     return shlex.join(argv)
@@ -109,7 +120,7 @@ def summarize_records(
         "id": record_id or records[0].id,
         "name": name,
         "created": _now(),
-        "command": _command(),
+        "command": _command() if kind == "comparison" else _command(records[0]),
         "baseline": baseline,
         "primary_metric": {"name": metric, "mode": mode},
         "target": target,
@@ -295,7 +306,7 @@ def run_comparison(
         "name": comparison.name,
         "description": comparison.description,
         "created": _now(),
-        "command": _command(),
+        "command": _command(record),
         "baseline": comparison.baseline,
         "primary_metric": {"name": comparison.metric, "mode": comparison.mode},
         "target": target.model_dump() if target else None,
