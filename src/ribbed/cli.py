@@ -24,7 +24,6 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-
 from ribbed.config import ComparisonConfig, ConfigError, RunConfig, StudyConfig, load_config
 
 app = typer.Typer(
@@ -49,7 +48,8 @@ def _runs_dir(value: Path | None) -> Path:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    # soft_wrap: one line however long (a path cut in two cannot be copied); the terminal wraps it
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -59,7 +59,6 @@ class RichProgress:
     loss (mean over the last ``train.log_every`` steps), steps/s and ETA; when the console is
     not a terminal (output redirected to a file or a pipe) bars are not redrawn, so every log
     interval is also printed as a plain line and a redirected run writes as it goes."""
-
 
     def __init__(self, progress: Progress, total_runs: int):
         self._progress = progress
@@ -220,7 +219,6 @@ def run(
         "--fast-dev-run", help="Smoke test: a few steps of every method on every dataset, "
                                "one seed, no tuning.")] = False,
     runs_dir: RunsDir = None,
-
 ) -> None:
     """Run a preset or config file: one run, a comparison of methods x datasets x seeds, or a study."""
     from ribbed.distributed.launch import worker_runs_dir
@@ -267,8 +265,10 @@ def run(
                 if tune:
                     _fail("--tune needs a comparison config (with methods and search spaces)")
                 outcome = run_single(cfg, runs_dir=root, progress=RichProgress(bars, 1))
-    except (ConfigError, ValueError, LookupError) as exc:
+    except (ConfigError, ValueError, LookupError, OSError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, _runs_dir(runs_dir))
     _print_results(outcome.summary)
     console.print(f"record: {outcome.record.path}")
     console.print(f"report: {outcome.report_html}")
@@ -299,31 +299,106 @@ def _quiet_unless_main_rank() -> None:
     console.quiet = launched_rank() != 0
 
 
+class _Messages:
+    """A training callback that prints what the loop reports (checkpoints skipped, resumed from)."""
+
+    def on_message(self, text: str) -> None:
+        console.print(text, highlight=False, markup=False)
+
+
+def _interrupted(exc: KeyboardInterrupt, root: Path) -> None:
+    """Say where an interrupted run stopped and how to continue it; exit 130 (Ctrl-C) or 143 (SIGTERM)."""
+    from ribbed.runs import open_run
+    from ribbed.train.interrupts import TrainingInterrupted
+
+    if not isinstance(exc, TrainingInterrupted) or exc.run_id is None:
+        console.print("interrupted", highlight=False)
+        raise typer.Exit(code=130)
+    target = exc.run_id
+    try:  # a member of a comparison resumes through its comparison
+        target = open_run(root, exc.run_id).read_meta().get("parent") or exc.run_id
+    except (LookupError, ValueError, OSError):
+        pass
+    where = (f"checkpoint at {exc.checkpoint}" if exc.checkpoint is not None
+             else "no checkpoint (train.checkpoint_every is null)")
+    console.print(f"interrupted at step {exc.step}, {where}, resume with `ribbed resume {target}`",
+                  highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(code=exc.exit_code)
+
+
+def _refuse_links(path: Path) -> None:
+    """Refuse a run dir holding symbolic links: resuming writes there, and a link out of it would
+    aim those writes (or the reads of checkpoints) at files elsewhere."""
+    import os
+
+    for folder, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            entry = Path(folder) / name
+            if entry.is_symlink():
+                _fail(f"{entry} is a symbolic link (to {os.readlink(entry)}); a run dir must hold only "
+                      "its own files: replace the link with the file, or remove it, before resuming")
+
+
 @app.command()
 def resume(
-    run_ref: Annotated[str, typer.Argument(help="Run id, unique id prefix, or run directory.")],
+    run_ref: Annotated[str, typer.Argument(help="Run or comparison id, unique id prefix, or directory.")],
     runs_dir: RunsDir = None,
 ) -> None:
-    """Continue a single run from its last checkpoint, to the same result as an uninterrupted run."""
+    """Continue an unfinished run from its last good checkpoint, to the same result as an
+    uninterrupted run; or an unfinished comparison, reusing its finished member runs.
+
+    A finished run (completed or diverged) is refused, as is a run whose process still runs.
+    """
+    from ribbed.experiments.harness import run_comparison, summarize_records
     from ribbed.report import write_report
     from ribbed.runs import open_run
+    from ribbed.runs.records import FINISHED
     from ribbed.train import build_run, train
+    from ribbed.train.checkpoint import CheckpointError
 
+    root = _runs_dir(runs_dir)
     try:
-        record = open_run(_runs_dir(runs_dir), run_ref)
+        record = open_run(root, run_ref)
+        meta, status = record.read_meta(), record.effective_status()
+        if status == "running":
+            _fail(f"{record.id} is still running (process {meta.get('pid')} on {meta.get('host')}); "
+                  "stop it before resuming")
+        if status in FINISHED:
+            steps = (record.read_summary() or {}).get("steps")
+            _fail(f"{record.id} already finished ({status}{f' after {steps} steps' if steps else ''}); "
+                  "there is nothing to resume: start a new run with `ribbed run`")
+        _refuse_links(record.path)
         cfg = load_config(record.read_config())
+        if isinstance(cfg, ComparisonConfig):
+            with _progress_bars() as bars:
+                total = len(cfg.methods) * len(cfg.dataset_entries) * len(cfg.seed_list)
+                outcome = run_comparison(cfg, runs_dir=record.runs_dir, progress=RichProgress(bars, total),
+                                         record=record)
+            _print_results(outcome.summary)
+            console.print(f"report: {outcome.report_html}")
+            return
         if not isinstance(cfg, RunConfig):
-            _fail(f"{record.id} is a {cfg.kind}; only single runs resume")
+            _fail(f"{record.id} is a {cfg.kind}; only runs and comparisons resume")
         parts = build_run(cfg)
-    except (ConfigError, ValueError, LookupError) as exc:
+        record.set_status("running")
+    except (ConfigError, ValueError, LookupError, OSError) as exc:
         _fail(str(exc))
-    record.set_status("running")
-    with _progress_bars() as bars:
-        callback = RichProgress(bars, 1).start_run(record.id, cfg.train.steps)
-        result = train(parts, record=record, callbacks=[callback], resume=True)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, root)
+    try:
+        with _progress_bars() as bars:
+            callback = RichProgress(bars, 1).start_run(record.id, cfg.train.steps)
+            result = train(parts, record=record, callbacks=[callback, _Messages()], resume=True)
+    except KeyboardInterrupt as exc:
+        record.record_error(exc, step=getattr(exc, "step", None))
+        _interrupted(exc, root)
+    except (CheckpointError, OSError, ValueError) as exc:
+        status = record.record_error(exc)
+        _fail(f"{exc} ({record.id} marked {status})")
+    except BaseException as exc:
+        record.record_error(exc)
+        raise
     console.print(f"{record.id}: {result.status} after {result.steps} steps, final {result.final}")
-    from ribbed.experiments.harness import summarize_records
-
     html, _ = write_report(summarize_records([record], kind="run", name=cfg.name), record.path)
     console.print(f"report: {html}")
 
@@ -361,12 +436,12 @@ def show(
 
     try:
         record = open_run(_runs_dir(runs_dir), run_ref)
-    except LookupError as exc:
+        meta, status = record.read_meta(), record.effective_status()
+        summary = record.read_summary() or {}
+    except (LookupError, ValueError) as exc:
         _fail(str(exc))
-    meta = record.read_meta()
-    console.print(f"[bold]{record.id}[/] ({meta['kind']}, {meta['status']})  {record.path}")
+    console.print(f"[bold]{record.id}[/] ({meta['kind']}, {status})  {record.path}")
     console.print_json(json.dumps(record.read_config()))
-    summary = record.read_summary() or {}
     if summary.get("aggregates") or summary.get("kind") == "study":
         _print_results(summary)
     else:
@@ -387,8 +462,10 @@ def compare(
     root = _runs_dir(runs_dir)
     try:
         records = [open_run(root, ref) for ref in run_refs]
+        for record in records:
+            record.check_files()
         outcome = compare_records(records, runs_dir=root, name=name, baseline=baseline)
-    except (ValueError, LookupError) as exc:
+    except (ValueError, LookupError, OSError) as exc:
         _fail(str(exc))
     if outcome.summary.get("warnings"):
         console.print("[bold yellow]warning:[/] these runs differ beyond the method:", highlight=False)
@@ -410,13 +487,48 @@ def report(
 
     try:
         record = open_run(_runs_dir(runs_dir), ref)
-    except LookupError as exc:
+        record.check_files()
+        summary = record.read_summary() or {}
+        if record.kind not in ("comparison", "study") or ("runs" not in summary and "study" not in summary):
+            summary = summarize_records([record], kind="run", name=record.read_meta().get("name", record.id))
+        else:
+            for run in summary.get("runs", []):  # the members the report reads
+                open_run(record.runs_dir, run["id"]).check_files()
+        html, md = write_report(summary, record.path)
+    except (LookupError, ValueError, OSError) as exc:
         _fail(str(exc))
-    summary = record.read_summary() or {}
-    if record.kind not in ("comparison", "study") or ("runs" not in summary and "study" not in summary):
-        summary = summarize_records([record], kind="run", name=record.read_meta().get("name", record.id))
-    html, md = write_report(summary, record.path)
     console.print(f"report: {html}\nsummary: {md}")
+
+
+@app.command()
+def index(
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild the index from the run dirs.")] = False,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Check the runs index (a cache of the run dirs), or rebuild it with --rebuild.
+
+    A damaged index file is moved aside (``index.sqlite.damaged-<time>``) before rebuilding.
+    """
+    import sqlite3
+
+    from ribbed.runs import rebuild_index
+    from ribbed.runs.index import IndexDamaged, check_readable, index_path
+
+    root = _runs_dir(runs_dir)
+    if not root.is_dir():
+        _fail(f"--runs-dir: {root} is not a directory")
+    try:
+        if rebuild:
+            console.print(f"rebuilt {index_path(root)} from {rebuild_index(root)} run dirs", highlight=False)
+            return
+        if not index_path(root).exists():
+            _fail(f"{index_path(root)}: no index yet (`ribbed list` or `ribbed index --rebuild` builds it)")
+        check_readable(root)
+    except IndexDamaged as exc:
+        _fail(f"{exc}; run `ribbed index --rebuild` (it moves the file aside)")
+    except (OSError, sqlite3.Error) as exc:
+        _fail(f"{index_path(root)}: {exc}")
+    console.print(f"{index_path(root)}: readable", highlight=False)
 
 
 @app.command()
@@ -478,7 +590,21 @@ def presets() -> None:
 
 
 def main() -> None:
+    """The ``ribbed`` command. Warnings of the run store (an index repaired, a run dir skipped)
+    print as ``warning: ...`` lines; Ctrl-C before or after training prints ``interrupted``
+    and exits 130 (during training, the command says where the run stopped)."""
+    import logging
+
     from ribbed.extensions import load_extensions
 
-    load_extensions()
-    app()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    store_log = logging.getLogger("ribbed.runs")
+    store_log.addHandler(handler)
+    store_log.propagate = False
+    try:
+        load_extensions()
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted", highlight=False)
+        raise SystemExit(130) from None

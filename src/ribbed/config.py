@@ -160,7 +160,9 @@ class TrainConfig(_Strict):
     eval_every: PositiveInt = 100
     target: TargetConfig | None = None
     stop_at_target: bool = False
-    checkpoint_every: PositiveInt | None = None
+    # "eval": a checkpoint at every evaluation (the default, so every run can resume);
+    # N: every N steps; null: none (resume then restarts from step 0)
+    checkpoint_every: PositiveInt | Literal["eval"] | None = "eval"
     deterministic: bool = False
     gradient_method: str = "backprop"
     gradient_options: dict[str, Any] = Field(default_factory=dict)

@@ -336,8 +336,22 @@ class RestrictedUnpickler(pickle.Unpickler):
     other global is refused with :class:`DatasetError` before it is ever called.
     """
 
-    _reconstruct = np.empty(0).__reduce__()[0]
+    _numpy_reconstruct = np.empty(0).__reduce__()[0]
     _frombuffer = np.empty(1).__reduce_ex__(5)[0]
+
+    @staticmethod
+    def _reconstruct(subtype, shape, dtype):
+        """numpy's ``_reconstruct``, which allocates ``shape`` before the data arrives: numpy's
+        own pickles always ask for the empty shape ``(0,)`` and fill it in afterwards, so any
+        other shape (a header asking for a terabyte) is refused before it is allocated."""
+        if subtype is not np.ndarray or tuple(shape) != (0,):
+            size = "x".join(str(n) for n in shape) if isinstance(shape, tuple) else repr(shape)
+            raise DatasetError(
+                f"an array header asks for shape {size} ({_bytes_hint(shape)}) before its data; "
+                "allowed: numpy's own array pickles"
+            )
+        return RestrictedUnpickler._numpy_reconstruct(subtype, shape, dtype)
+
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
@@ -356,24 +370,55 @@ class RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
 
+CIFAR10_BATCH_MAX_BYTES = 64 * 2**20  # the official batches are 30 MiB each
+
+
+def _bytes_hint(shape: object) -> str:
+    try:
+        count = int(np.prod([int(n) for n in shape], dtype=object))
+    except (TypeError, ValueError):
+        return "not a shape"
+    return f"2^{count.bit_length() - 1} elements" if count > 2**20 else f"{count} elements"
+
+
 def _read_cifar10_batch(directory: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file: ``data`` uint8 ``[N, 3072]`` and ``labels`` ``N`` integers in 0..9.
+
+    The file's size is checked before it is read and array headers before they allocate
+    (:class:`RestrictedUnpickler`), so a crafted file cannot ask for huge memory; every
+    problem is a :class:`DatasetError` naming the file.
+    """
     path = directory / name
     if not path.is_file():
         raise DatasetError(f"CIFAR-10 file {path} not found; expected {_expected_cifar10_files()}")
+    size = path.stat().st_size
+    if size > CIFAR10_BATCH_MAX_BYTES:
+        raise DatasetError(f"CIFAR-10 file {path}: {size} bytes; allowed: at most "
+                           f"{CIFAR10_BATCH_MAX_BYTES} (an official batch is about 30 MiB)")
     try:
         with path.open("rb") as file:
             batch = RestrictedUnpickler(file, encoding="bytes").load()
     except DatasetError as error:
-        raise DatasetError(f"{path}: {error}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-        raise DatasetError(f"CIFAR-10 file {path} is not a valid batch pickle: {error}") from error
+        raise DatasetError(f"CIFAR-10 file {path}: {error}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError) as error:
+        raise DatasetError(f"CIFAR-10 file {path} is not a valid batch pickle: {error}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DatasetError(f"CIFAR-10 file {path} lacks the b'data' and b'labels' entries")
-    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DatasetError(
-            f"CIFAR-10 file {path}: data is {data.dtype} {data.shape}, expected uint8 [N, 3072]"
-        )
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"CIFAR-10 file {path}: data is {got}, expected uint8 [N, 3072]")
+    if isinstance(labels, list) and all(type(label) is int for label in labels):
+        labels = np.asarray(labels, dtype=np.int64)
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        got = (f"{labels.dtype} {list(labels.shape)}" if isinstance(labels, np.ndarray)
+               else f"a {type(labels).__name__}" + (f" of {type(labels[0]).__name__}" if isinstance(labels, list)
+                                                   and labels else ""))
+        raise DatasetError(f"CIFAR-10 file {path}: labels are {got}, expected a list of integers 0..9")
+    if len(labels) != len(data):
+        raise DatasetError(f"CIFAR-10 file {path}: {len(labels)} labels for {len(data)} images")
+    if len(labels) and not (labels.min() >= 0 and labels.max() <= 9):
+        raise DatasetError(f"CIFAR-10 file {path}: labels span {labels.min()}..{labels.max()}, allowed: 0..9")
     return data, labels
 
 

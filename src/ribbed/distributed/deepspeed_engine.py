@@ -79,6 +79,7 @@ class DeepSpeedStrategy(Strategy):
     """A DeepSpeed engine with ZeRO ``stage`` (0: plain data parallel, 1-3: ZeRO-1/2/3)."""
 
     name = "deepspeed"
+    writes_checkpoints = False
 
     def __init__(self, distributed, stage: int = 3):
         super().__init__(distributed)
@@ -100,7 +101,7 @@ class DeepSpeedStrategy(Strategy):
             ("train.grad_accum", train.grad_accum, 1),
             ("train.checkpoint_every", train.checkpoint_every, None),
         ):
-            if value != allowed:
+            if value != allowed and not (field == "train.checkpoint_every" and value == "eval"):
                 raise ValueError(f"{field}: got {value!r}; allowed with the deepspeed strategy: {allowed!r}")
         self.join(config, device)
         ds_config = {

@@ -62,6 +62,7 @@ class Strategy:
 
     name = "none"
     supports_compression = False
+    writes_checkpoints = True  # False: the default (checkpoints at every evaluation) writes none
 
     def __init__(self, distributed: DistributedConfig):
         self.distributed = distributed

@@ -32,6 +32,7 @@ from ribbed.data import Dataset, load_dataset
 from ribbed.experiments import stats
 from ribbed.experiments.tuning import apply_params, tune_method
 from ribbed.runs import capture_environment, create_run
+from ribbed.runs.records import FINISHED as FINISHED_RUN
 from ribbed.train import Callback, build_run, train
 from ribbed.train.hardware import auto_threads
 
@@ -138,16 +139,33 @@ def _load(entry: DatasetEntry) -> Dataset:
     )
 
 
-def _train_recorded(config: RunConfig, data: Dataset, *, runs_dir, progress, label, **record_kw):
-    """Build (validated), create the record, train; a crash marks the record failed."""
+def _train_recorded(config: RunConfig, data: Dataset, *, runs_dir, progress, label, reuse: bool = False,
+                    **record_kw):
+    """Build (validated), create the record, train; a crash marks the record failed (or interrupted).
+
+    ``reuse`` (comparison members): a finished run with exactly this config is used as it is,
+    and an unfinished member of the same comparison is resumed from its checkpoint, instead
+    of training anew (see :func:`ribbed.runs.records.find_member`).
+    """
+    from ribbed.runs.records import find_member
+
     parts = build_run(config, data)
-    record = create_run(runs_dir, name=config.name, config=parts.config.model_dump(mode="json"), **record_kw)
+    recorded = parts.config.model_dump(mode="json")
+    record = find_member(runs_dir, recorded, parent=record_kw.get("parent")) if reuse else None
+    resume = record is not None and record.read_meta()["status"] not in FINISHED_RUN
+    if record is not None and not resume:
+        if progress:
+            progress.message(f"{label}: reusing {record.id} (same config, {record.read_meta()['status']})")
+        return record
+    if record is None:
+        record = create_run(runs_dir, name=config.name, config=recorded, **record_kw)
+    else:
+        record.set_status("running")
     callbacks = [progress.start_run(label, config.train.steps)] if progress else []
     try:
-        train(parts, record=record, callbacks=callbacks)
+        train(parts, record=record, callbacks=callbacks, resume=resume)
     except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        record.finish(status, {"error": f"{type(exc).__name__}: {exc}"})
+        record.record_error(exc, step=getattr(exc, "step", None))
         raise
     return record
 
@@ -247,8 +265,15 @@ def run_comparison(
     runs_dir: Path,
     tune: bool = False,
     progress: Progress | None = None,
+    record=None,
 ) -> Outcome:
-    """Tune (``tune`` or ``tuning.always``), train every method x dataset x seed, aggregate, report."""
+    """Tune (``tune`` or ``tuning.always``), train every method x dataset x seed, aggregate, report.
+
+    Members are reused when a finished run with the same config exists (a re-run of an
+    identical comparison trains nothing again). ``record``: the unfinished comparison record
+    to continue (``ribbed resume``); its tuning is redone (seeded, so to the same result),
+    its finished members reused and its interrupted ones resumed from their checkpoints.
+    """
     tune = tune or comparison.tuning.always
     comparison = _fixed_threads(comparison)
     names = list(comparison.methods)
@@ -257,9 +282,13 @@ def run_comparison(
         for name in names:
             build_run(method_run_config(comparison, name, entry, comparison.seed_list[0]), dataset)
 
-    record = create_run(
-        runs_dir, name=comparison.name, kind="comparison", config=comparison.model_dump(mode="json")
-    )
+    if record is None:
+        record = create_run(
+            runs_dir, name=comparison.name, kind="comparison", config=comparison.model_dump(mode="json")
+        )
+    else:  # resumed: finished members are reused, unfinished ones resume
+        record.set_status("running")
+        (record.path / "tuning.sqlite").unlink(missing_ok=True)
     try:
         tuned: dict[tuple[str, str], dict[str, Any]] = {}
         if tune:
@@ -288,15 +317,14 @@ def run_comparison(
                     run_label = f"{name} · {label} · seed {seed}"
                     child = _train_recorded(
                         config, dataset, runs_dir=runs_dir, progress=progress, label=run_label,
-                        parent=record.id, method=name, dataset=label, seed=seed,
+                        parent=record.id, method=name, dataset=label, seed=seed, reuse=True,
                     )
                     run = run_entry(child)
                     runs.append(run)
                     if progress:
                         progress.end_run(run_label, run)
     except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        record.finish(status, {"error": f"{type(exc).__name__}: {exc}"})
+        record.record_error(exc)
         raise
 
     target = comparison.base.train.target

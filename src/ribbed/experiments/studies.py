@@ -132,7 +132,7 @@ class StudyContext:
         try:
             result = train(parts, record=record, callbacks=callbacks)
         except BaseException as exc:
-            record.finish("failed", {"error": f"{type(exc).__name__}: {exc}"})
+            record.record_error(exc, step=getattr(exc, "step", None))
             raise
         return record, result
 

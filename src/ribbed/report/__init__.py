@@ -14,6 +14,7 @@ from typing import Any
 from ribbed.report.html import render_html
 from ribbed.report.markdown import render_markdown
 from ribbed.report.study import render_study_html, render_study_markdown
+from ribbed.runs.atomic import atomic_write_text
 
 REQUIRED_KEYS = ("kind", "name", "created", "command", "baseline", "primary_metric", "runs")
 STUDY_KEYS = ("kind", "name", "created", "command", "study")
@@ -46,6 +47,6 @@ def write_report(summary: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path]
         html_text, markdown_text = render_study_html(summary, out_dir), render_study_markdown(summary)
     else:
         html_text, markdown_text = render_html(summary), render_markdown(summary)
-    html_path.write_text(html_text, encoding="utf-8")
-    markdown_path.write_text(markdown_text, encoding="utf-8")
+    atomic_write_text(html_path, html_text)  # atomic, and replaces a symlink instead of writing through it
+    atomic_write_text(markdown_path, markdown_text)
     return html_path, markdown_path

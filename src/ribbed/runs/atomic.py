@@ -22,7 +22,8 @@ def atomic_writer(path: Path | str) -> Iterator[BinaryIO]:
     """A binary file handle whose contents replace ``path`` atomically when the block ends.
 
     If the block raises, the temporary file is removed and ``path`` is left as it was. The
-    parent directory must exist. An existing file keeps its permission bits; a new one gets
+    parent directory must exist. A symbolic link at ``path`` is replaced by the new file,
+    never written through, so a write cannot land outside the directory. An existing file keeps its permission bits; a new one gets
     ``0o644`` (``mkstemp`` alone would leave it readable by the owner only).
 
     Example:
@@ -34,8 +35,12 @@ def atomic_writer(path: Path | str) -> Iterator[BinaryIO]:
         b'\\x00\\x01'
     """
     path = Path(path)
-    mode = path.stat().st_mode & 0o7777 if path.exists() else _NEW_FILE_MODE
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    regular = path.exists() and not path.is_symlink()  # a link is replaced, its target left alone
+    mode = path.stat().st_mode & 0o7777 if regular else _NEW_FILE_MODE
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
     try:
         with os.fdopen(fd, "wb") as tmp:
             yield tmp

@@ -8,6 +8,11 @@ Several processes write at once (two ``ribbed run`` in the same runs directory),
 every write is one short ``BEGIN IMMEDIATE`` transaction on a WAL-mode database with a
 60 s busy timeout, and the whole attempt is retried while SQLite reports the database
 locked or busy.
+
+Damage is told apart from contention: a file SQLite cannot read as a database (garbage, a
+truncated page, a malformed schema) raises :class:`IndexDamaged`, which the records layer
+answers by moving the file aside and rebuilding the index from the run directories. Reads
+open the database read-only and change nothing, so listing works in a read-only runs dir.
 """
 
 from __future__ import annotations
@@ -59,6 +64,15 @@ _ATTEMPTS = 20
 _BACKOFF_S = 0.05
 
 _T = TypeVar("_T")
+
+
+class IndexDamaged(RuntimeError):
+    """The index file is not a readable SQLite database; ``path`` and ``cause`` say which and why."""
+
+    def __init__(self, path: Path, cause: str):
+        super().__init__(f"run index {path} is damaged ({cause})")
+        self.path = path
+        self.cause = cause
 
 _UPSERT = (
     f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -117,6 +131,18 @@ def select_rows(
     return [_parse_row(values) for values in fetched]
 
 
+def select_ids(runs_dir: Path | str) -> set[str]:
+    """The ids the index holds."""
+    fetched = _with_retry(runs_dir, lambda conn: conn.execute("SELECT id FROM runs").fetchall(), write=False)
+    return {run_id for (run_id,) in fetched}
+
+
+def check_readable(runs_dir: Path | str) -> None:
+    """Raise :class:`IndexDamaged` unless every row of the index can be read."""
+    _with_retry(runs_dir, lambda conn: conn.execute(f"SELECT {', '.join(COLUMNS)} FROM runs").fetchall(),
+                write=False)
+
+
 def _row_values(row: dict[str, Any]) -> tuple[Any, ...]:
     unknown = set(row) - set(COLUMNS)
     if unknown:
@@ -131,16 +157,36 @@ def _parse_row(values: tuple[Any, ...]) -> dict[str, Any]:
     return row
 
 
-def _connect(runs_dir: Path | str) -> sqlite3.Connection:
-    """Open the index in autocommit mode (transactions are explicit), creating the table."""
-    conn = sqlite3.connect(index_path(runs_dir), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+def _connect(runs_dir: Path | str, write: bool) -> sqlite3.Connection:
+    """Open the index in autocommit mode (transactions are explicit).
+
+    A writer switches the file to WAL and creates the table; a reader opens it read-only
+    (``mode=ro``) and writes nothing. A reader of an index without the table (an empty file)
+    sees no rows.
+    """
+    path = index_path(runs_dir)
+    if write:
+        conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+    else:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S,
+                               isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(_SCHEMA)
+        if write:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(_SCHEMA)
+        elif not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone():
+            conn.execute("CREATE TEMP TABLE runs (" + ", ".join(COLUMNS) + ")")
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _is_damage(error: sqlite3.DatabaseError) -> bool:
+    """Whether ``error`` says the file is not a usable database (rather than busy or read-only)."""
+    message = str(error).lower()
+    return any(text in message for text in ("not a database", "malformed", "disk image", "file is encrypted",
+                                            "no such column"))
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
@@ -158,7 +204,7 @@ def _with_retry(
     """
     for attempt in range(_ATTEMPTS):
         try:
-            conn = _connect(runs_dir)
+            conn = _connect(runs_dir, write)
             try:
                 if write:
                     conn.execute("BEGIN IMMEDIATE")
@@ -172,8 +218,11 @@ def _with_retry(
                 raise
             finally:
                 conn.close()
-        except sqlite3.OperationalError as error:
-            if not _is_busy(error) or attempt == _ATTEMPTS - 1:
-                raise
+        except sqlite3.DatabaseError as error:
+            if _is_damage(error):
+                raise IndexDamaged(index_path(runs_dir), str(error)) from None
+            if not isinstance(error, sqlite3.OperationalError) or not _is_busy(error) or attempt == _ATTEMPTS - 1:
+                # read-only, disk full, I/O error: a plain OSError naming the file
+                raise OSError(f"run index {index_path(runs_dir)}: {error}") from None
             time.sleep(_BACKOFF_S * (attempt + 1) * (1 + random.random()))
     raise AssertionError("unreachable: the last attempt returns or raises")

@@ -15,16 +15,23 @@ Every whole-file write is atomic; metric rows are appended with a single ``write
 can be regenerated from the directories with :func:`rebuild_index`.
 
 JSON files are written with ``allow_nan=True``: a diverged loss is stored as the bare
-token ``NaN`` / ``Infinity``, which Python's :func:`json.loads` reads back as a float.
+token ``NaN`` / ``Infinity``, which Python's :func:`json.loads` reads back as a float. A file
+that is empty or not JSON raises :class:`RunFileError`, which names the file and the problem.
+
+While a run is ``running``, ``run.json`` also names the process that runs it (``pid``,
+``host``, ``pid_started``); a running run whose process is gone is reported ``stale`` by
+:func:`list_runs` and :meth:`RunRecord.effective_status` (killed, or lost to a power cut).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 import secrets
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,12 +41,25 @@ import yaml
 
 from ribbed.runs.atomic import atomic_write_text
 from ribbed.runs.environment import capture_environment
-from ribbed.runs.index import index_path, replace_all_rows, select_rows, upsert_rows
+from ribbed.runs.index import (
+    COLUMNS,
+    IndexDamaged,
+    check_readable,
+    index_path,
+    replace_all_rows,
+    select_ids,
+    select_rows,
+    upsert_rows,
+)
 
 RUNS_DIR_ENV = "RIBBED_RUNS_DIR"
 
 FINAL_STATUSES = ("completed", "diverged", "failed", "interrupted")
 STATUSES = ("running", *FINAL_STATUSES)
+STALE = "stale"  # shown, never stored: "running" in run.json, but its process is gone
+FINISHED = ("completed", "diverged")  # nothing left to resume
+
+_log = logging.getLogger(__name__)
 
 META_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -50,6 +70,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 _SLUG_MAX_LEN = 40
 _MAX_CANDIDATES = 10
+
+
+class RunFileError(ValueError):
+    """A run file (``run.json``, ``summary.json``, ``metrics.jsonl``) that is empty or not JSON."""
 
 
 class RunNotFound(LookupError):
@@ -130,7 +154,8 @@ class RunRecord:
         if "step" not in row:
             raise ValueError(f"a metrics row needs a 'step' key, got keys {sorted(row)}")
         line = (_dumps(row) + "\n").encode("utf-8")
-        with open(self.metrics_path, "ab", buffering=0) as file:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # never through a link
+        with open(os.open(self.metrics_path, flags, 0o644), "ab", buffering=0) as file:
             written = file.write(line)
             if written != len(line):
                 raise OSError(f"short write to {self.metrics_path}: {written} of {len(line)} bytes")
@@ -138,22 +163,46 @@ class RunRecord:
                 os.fsync(file.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """All metric rows in order; a trailing partial line (a killed writer) is skipped."""
+        """All metric rows in order; a trailing partial line (a killed writer) is skipped.
+
+        Raises:
+            RunFileError: a complete line is not a JSON object with a ``"step"`` (the
+                message names the file, the line and the problem).
+        """
         if not self.metrics_path.exists():
             return []
-        lines = self.metrics_path.read_text(encoding="utf-8").split("\n")
-        complete = lines[:-1]  # the last piece has no newline: empty, or a partial line
+        try:
+            text = self.metrics_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise RunFileError(f"{self.metrics_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        complete = text.split("\n")[:-1]  # the last piece has no newline: empty, or a partial line
         rows = []
         for number, line in enumerate(complete, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{self.metrics_path}:{number}: not a JSON row ({error})"
-                ) from None
+                raise RunFileError(f"{self.metrics_path}:{number}: not a JSON row ({error})") from None
+            if not isinstance(row, dict) or "step" not in row:
+                raise RunFileError(f"{self.metrics_path}:{number}: a row must be a JSON object with a 'step'")
+            rows.append(row)
         return rows
+
+    def check_files(self) -> None:
+        """Raise :class:`RunFileError` when a finished run's files cannot back a report:
+        ``summary.json`` unreadable, or ``metrics.jsonl`` missing or empty although the run
+        trained and evaluated (so a report would be silently empty)."""
+        summary = self.read_summary()
+        metrics = self.read_metrics()
+        if self.kind != "run" or summary is None or summary.get("status") not in FINISHED:
+            return
+        if summary.get("steps") and not metrics:
+            state = "empty" if self.metrics_path.exists() else "missing"
+            raise RunFileError(
+                f"{self.metrics_path}: {state}, though the run finished {summary['steps']} steps "
+                "(its evaluation rows are lost; the report would have no curves)"
+            )
 
     def truncate_metrics_after(self, step: int) -> None:
         """Keep only rows with ``row["step"] <= step`` (resuming from that checkpoint).
@@ -166,10 +215,33 @@ class RunRecord:
         atomic_write_text(self.metrics_path, "".join(_dumps(row) + "\n" for row in kept))
 
     def set_status(self, status: str) -> None:
-        """Record ``status`` (e.g. ``"running"`` again on resume) in ``run.json`` and the index."""
+        """Record ``status`` (e.g. ``"running"`` again on resume) in ``run.json`` and the index.
+
+        ``"running"`` also records this process (see :meth:`effective_status`).
+        """
         _check_status(status, STATUSES)
-        self._write_meta(status=status)
+        self._write_meta(status=status, **(_this_process() if status == "running" else {}))
         self._sync_index()
+
+    def effective_status(self) -> str:
+        """The recorded status, or ``"stale"`` for a ``running`` run whose process is gone."""
+        return effective_status(self.read_meta())
+
+    def record_error(self, error: BaseException, **details: Any) -> str:
+        """Finish the run after ``error`` stopped it: ``interrupted`` for a ``KeyboardInterrupt``
+        (Ctrl-C, SIGTERM), else ``failed``; the summary holds the error in one line and
+        ``details`` (e.g. the step reached). Returns the status written.
+
+        When even that cannot be written (a full disk, a read-only folder) the reason is
+        logged and the run is left as it was (``list`` then shows it ``stale``).
+        """
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        text = " ".join(str(error).split()) or type(error).__name__
+        try:
+            self.finish(status, {"error": f"{type(error).__name__}: {text}", **details})
+        except OSError as write_error:
+            _log.warning("could not mark %s %s: %s", self.path, status, write_error)
+        return status
 
     def finish(self, status: str, summary: dict[str, Any]) -> None:
         """Write ``summary.json`` and mark the run ``status`` (one of :data:`FINAL_STATUSES`)."""
@@ -180,11 +252,12 @@ class RunRecord:
         self._write_meta(status=status)
         self._sync_index()
 
-    def index_row(self) -> dict[str, Any]:
+    def index_row(self, with_summary: bool = True) -> dict[str, Any]:
         """This record's row for the index, built from ``run.json`` and ``summary.json``."""
-        summary = self.read_summary()
+        summary = self.read_summary() if with_summary else None
+        meta = self.read_meta()
         return {
-            **self.read_meta(),
+            **{column: meta.get(column) for column in COLUMNS if column in meta},
             "path": str(self.path),
             "summary_json": None if summary is None else _dumps(summary),
         }
@@ -194,7 +267,10 @@ class RunRecord:
         atomic_write_text(self.meta_path, _dumps(meta, indent=2))
 
     def _sync_index(self) -> None:
-        upsert_rows(self.runs_dir, [self.index_row()])
+        try:
+            upsert_rows(self.runs_dir, [self.index_row()])
+        except IndexDamaged as damage:
+            repair_index(self.runs_dir, damage)  # the rebuilt index holds this record too
 
 
 def create_run(
@@ -243,6 +319,7 @@ def create_run(
         "status": "running",
         "created": created.isoformat(),
         "updated": created.isoformat(),
+        **_this_process(),
     }
     atomic_write_text(path / CONFIG_FILE, config_text)
     atomic_write_text(path / ENV_FILE, _dumps(capture_environment(), indent=2))
@@ -283,21 +360,81 @@ def open_run(runs_dir: Path | str, ref: str) -> RunRecord:
 
 
 def iter_records(runs_dir: Path | str) -> list[RunRecord]:
-    """All records found in the directories of ``runs_dir`` (no index involved), by id."""
+    """All records found in the directories of ``runs_dir`` (no index involved), by id.
+
+    A directory whose ``run.json`` cannot be read is skipped with a warning naming it.
+    """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    return [
-        RunRecord.load(path) for path in sorted(runs_dir.iterdir()) if (path / META_FILE).is_file()
-    ]
+    records = []
+    for path in sorted(_run_dirs(runs_dir)):
+        try:
+            records.append(RunRecord.load(path))
+        except (RunFileError, KeyError, OSError) as error:
+            _log.warning("skipping run dir %s: %s", path, error)
+    return records
+
+
+def _run_dirs(runs_dir: Path) -> list[Path]:
+    return [path.parent for path in runs_dir.glob(f"*/{META_FILE}") if path.is_file()]
+
+
+def _rows_from_dirs(runs_dir: Path | str) -> list[dict[str, Any]]:
+    return _index_rows(iter_records(runs_dir))
+
+
+def _index_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
+    """Index rows of ``records``; a damaged summary is warned about and left out of its row."""
+    rows = []
+    for record in records:
+        try:
+            rows.append(record.index_row())
+        except RunFileError as error:
+            _log.warning("%s", error)
+            rows.append({**record.index_row(with_summary=False)})
+    return rows
 
 
 def rebuild_index(runs_dir: Path | str) -> int:
-    """Regenerate ``index.sqlite`` from the run directories; returns the number of rows."""
-    rows = [record.index_row() for record in iter_records(runs_dir)]
+    """Regenerate ``index.sqlite`` from the run directories; returns the number of rows.
+
+    A damaged index file is moved aside first (see :func:`repair_index`).
+    """
+    rows = _rows_from_dirs(runs_dir)
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
-    replace_all_rows(runs_dir, rows)
+    try:
+        replace_all_rows(runs_dir, rows)
+    except IndexDamaged:
+        _move_aside(index_path(runs_dir))
+        replace_all_rows(runs_dir, rows)
     return len(rows)
+
+
+def repair_index(runs_dir: Path | str, damage: IndexDamaged) -> Path | None:
+    """Move a damaged index aside (``index.sqlite.damaged-<time>``) and rebuild it from the
+    run directories; says so in one warning line. Returns where the bad file went (``None``
+    when another process had already repaired it)."""
+    try:
+        check_readable(runs_dir)
+        return None  # repaired meanwhile by another process
+    except IndexDamaged:
+        pass
+    moved = _move_aside(index_path(runs_dir))
+    count = rebuild_index(runs_dir)
+    _log.warning("%s; moved it to %s and rebuilt the index from %d run dirs", damage, moved, count)
+    return moved
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename the index and its WAL/shared-memory files to ``<name>.damaged-<UTC time>``."""
+    suffix = f".damaged-{_utc_now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    target = path.with_name(path.name + suffix)
+    for extra in ("", "-wal", "-shm"):
+        source = path.with_name(path.name + extra)
+        if source.exists():
+            os.replace(source, path.with_name(path.name + suffix + extra))
+    return target
 
 
 def list_runs(
@@ -308,16 +445,107 @@ def list_runs(
 ) -> list[dict[str, Any]]:
     """Index rows, newest first, with the summary parsed into ``row["summary"]``.
 
-    A missing index is rebuilt from the run directories first; a missing ``runs_dir``
-    has no runs.
+    The index is a cache of the run directories, and is repaired here: a missing one is
+    built; a damaged one is moved aside and rebuilt (one warning line); runs it lacks (an
+    emptied file, a process killed between writing ``run.json`` and the index) are added
+    (with a warning when the run is older than a few seconds, since that means damage).
+    When the index cannot be read or written at all (a read-only runs dir), the rows come
+    straight from the run directories. A ``running`` row whose process is gone shows
+    ``"stale"``. A missing ``runs_dir`` has no runs.
     """
-    if not Path(runs_dir).is_dir():
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
         return []
-    if not index_path(runs_dir).exists():
-        if not iter_records(runs_dir):
-            return []
-        rebuild_index(runs_dir)
-    return select_rows(runs_dir, kind=kind, parent=parent, limit=limit)
+    try:
+        rows = _indexed_rows(runs_dir, kind=kind, parent=parent, limit=limit)
+    except OSError as error:
+        _log.warning("%s; reading the run dirs instead", error)
+        rows = _filter_rows(_rows_from_dirs(runs_dir), kind=kind, parent=parent, limit=limit)
+    for row in rows:
+        if row["status"] == "running":
+            row["status"] = _effective_status_at(Path(row["path"]))
+    return rows
+
+
+def _effective_status_at(path: Path) -> str:
+    try:
+        return effective_status(_read_json(path / META_FILE))
+    except (RunFileError, OSError):
+        return "running"
+
+
+def _indexed_rows(runs_dir: Path, **query: Any) -> list[dict[str, Any]]:
+    on_disk = {path.name: path for path in _run_dirs(runs_dir)}
+    if not on_disk and not index_path(runs_dir).exists():
+        return []
+    try:
+        if not index_path(runs_dir).exists():
+            rebuild_index(runs_dir)
+        missing = set(on_disk) - select_ids(runs_dir)
+        if missing:
+            _add_missing(runs_dir, [on_disk[run_id] for run_id in sorted(missing)])
+        return select_rows(runs_dir, **query)
+    except IndexDamaged as damage:
+        repair_index(runs_dir, damage)
+        return select_rows(runs_dir, **query)
+
+
+_JUST_CREATED_S = 10.0
+
+
+def _add_missing(runs_dir: Path, paths: list[Path]) -> None:
+    """Index runs whose directories exist but whose rows do not."""
+    records = []
+    for path in paths:
+        try:
+            records.append(RunRecord.load(path))
+        except (RunFileError, KeyError, OSError) as error:
+            _log.warning("skipping run dir %s: %s", path, error)
+    rows = _index_rows(records)
+    old = [r for r in records if _utc_now().timestamp() - r.meta_path.stat().st_mtime > _JUST_CREATED_S]
+    if old:
+        _log.warning("run index %s lacked %d of the runs in %s; added them from their run dirs",
+                     index_path(runs_dir), len(old), runs_dir)
+    upsert_rows(runs_dir, rows)
+
+
+def _filter_rows(rows: list[dict[str, Any]], *, kind: str | None, parent: str | None,
+                 limit: int | None) -> list[dict[str, Any]]:
+    """What :func:`~ribbed.runs.index.select_rows` would return, from rows built in memory."""
+    chosen = [row for row in rows if (kind is None or row.get("kind") == kind)
+              and (parent is None or row.get("parent") == parent)]
+    chosen.sort(key=lambda row: (row.get("created") or "", row.get("id") or ""), reverse=True)
+    result = []
+    for row in chosen[:limit]:
+        row = {column: row.get(column) for column in COLUMNS}
+        summary_json = row.pop("summary_json")
+        row["summary"] = None if summary_json is None else json.loads(summary_json)
+        result.append(row)
+    return result
+
+
+def find_member(runs_dir: Path | str, config: dict[str, Any], parent: str | None = None) -> RunRecord | None:
+    """A run of ``runs_dir`` that a comparison can use instead of training ``config`` again.
+
+    The newest finished (completed or diverged) run whose recorded config equals ``config``
+    exactly; failing that, an unfinished one (interrupted, failed, stale) of comparison
+    ``parent`` with that config, to resume in place. ``None`` when there is neither.
+    """
+    rows = [row for row in list_runs(runs_dir, kind="run") if row.get("name") == config.get("name")]
+    unfinished = None
+    for row in rows:
+        record = RunRecord(id=row["id"], path=Path(row["path"]), runs_dir=Path(runs_dir).resolve(), kind="run")
+        try:
+            same = record.read_config() == config
+        except (OSError, yaml.YAMLError):
+            continue
+        if not same:
+            continue
+        if row["status"] in FINISHED:
+            return record
+        if unfinished is None and parent is not None and row.get("parent") == parent and row["status"] != "running":
+            unfinished = record
+    return unfinished
 
 
 def slugify(name: str) -> str:
@@ -346,6 +574,39 @@ def _close_ids(ref: str, ids: list[str]) -> list[str]:
     return list(ranked)[:_MAX_CANDIDATES]
 
 
+def _this_process() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), to tell a reused pid apart."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def effective_status(meta: dict[str, Any]) -> str:
+    """``meta["status"]``, or ``"stale"`` when it says ``running`` but the process it names on
+    this host is gone (or its pid now belongs to another process). A run on another host, or
+    one recorded before processes were, is taken at its word."""
+    status = meta.get("status")
+    pid = meta.get("pid")
+    if status != "running" or not isinstance(pid, int) or meta.get("host") != socket.gethostname():
+        return status
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return STALE
+    except PermissionError:
+        pass  # alive, owned by someone else
+    started = meta.get("pid_started")
+    if started is not None and _process_start(pid) not in (None, started):
+        return STALE
+    return status
+
+
 def _check_status(status: str, allowed: tuple[str, ...]) -> None:
     if status not in allowed:
         raise ValueError(f"status must be one of {list(allowed)}, got {status!r}")
@@ -370,4 +631,17 @@ def _dumps(value: Any, indent: int | None = None) -> str:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The JSON in ``path``; :class:`RunFileError` names the file when it is empty or broken."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RunFileError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not text.strip():
+        raise RunFileError(f"{path}: empty file (expected a JSON object)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RunFileError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path}: holds a JSON {type(value).__name__}, expected an object")
+    return value

@@ -41,9 +41,10 @@ from ribbed.nn import build_model, set_checkpointing
 from ribbed.optim import build_optimizer
 from ribbed.optim.modes import evaluation_weights, has_evaluation_mode
 from ribbed.train.batches import Sampler, build_sampler
-from ribbed.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from ribbed.train.checkpoint import CheckpointError, CheckpointStore, save_weights
 from ribbed.train.gradients import GradientMethod, build_gradient_method
 from ribbed.train.hardware import resolve_device, resolve_threads
+from ribbed.train.interrupts import InterruptGuard, TrainingInterrupted
 from ribbed.train.plugins import TrainingPlugin, build_plugin
 from ribbed.train.precision import Precision
 from ribbed.train.schedule import build_scheduler
@@ -51,7 +52,8 @@ from ribbed.train.schedule import build_scheduler
 __all__ = ["Callback", "RunParts", "TrainResult", "build_run", "evaluate", "task_loss", "train"]
 
 TARGET_METRICS = ("val_acc", "val_loss", "train_loss")
-CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "plugins", "rng", "step",
+                   "train_seconds", "history", "steps_to_target", "seconds_to_target")
 
 
 class Callback(Protocol):
@@ -60,6 +62,8 @@ class Callback(Protocol):
     def on_step(self, step: int, loss: float) -> None: ...
 
     def on_eval(self, row: dict[str, float]) -> None: ...
+
+    def on_message(self, text: str) -> None: ...
 
     def on_log(self, row: dict[str, float]) -> None:
         """Every ``train.log_every`` steps and at the last: ``step``, ``steps`` (the total),
@@ -245,6 +249,74 @@ def _reached(value: float, target) -> bool:
     return value >= target.value if target.mode == "max" else value <= target.value
 
 
+def _tell(callbacks: Sequence[Callback], text: str) -> None:
+    for callback in callbacks:
+        if hasattr(callback, "on_message"):
+            callback.on_message(text)
+
+
+def checkpoint_interval(config: RunConfig, strategy: Strategy) -> int | None:
+    """Steps between checkpoints: ``train.checkpoint_every``, or ``eval_every`` for ``"eval"``
+    (the default; ``None`` under a strategy that writes no checkpoints)."""
+    every = config.train.checkpoint_every
+    if every == "eval":
+        return config.train.eval_every if strategy.writes_checkpoints else None
+    return every
+
+
+def _check_checkpoint(state: dict[str, Any], parts: RunParts) -> None:
+    """Raise :class:`CheckpointError` when ``state`` cannot be this run's checkpoint: a key
+    missing, a step outside ``0..train.steps``, a plug-in count or a weight shape that differ."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"lacks {', '.join(missing)}")
+    step, steps = state["step"], parts.config.train.steps
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= steps:
+        raise CheckpointError(f"holds step {step!r}; allowed: 0..{steps} (train.steps)")
+    if len(state["plugins"]) != len(parts.plugins):
+        raise CheckpointError(f"holds {len(state['plugins'])} plug-in states, the run has {len(parts.plugins)}")
+    if parts.plugins or not isinstance(state["model"], dict):
+        return  # a plug-in may reshape the model (growth): its shapes are checked on loading
+    expected = parts.strategy.model_state_dict(parts.model) if parts.strategy.world_size == 1 else None
+    for name, tensor in (expected or {}).items():
+        got = state["model"].get(name)
+        if not isinstance(got, torch.Tensor):
+            raise CheckpointError(f"lacks the weight {name!r}")
+        if got.shape != tensor.shape:
+            raise CheckpointError(
+                f"weight {name!r} has shape {list(got.shape)}, this run's model has {list(tensor.shape)}")
+
+
+def _restore(parts: RunParts, store: CheckpointStore, callbacks: Sequence[Callback]) -> dict[str, Any] | None:
+    """Load the newest usable checkpoint of ``store`` into ``parts``; return its state.
+
+    Damaged checkpoints are skipped (each named to ``callbacks``); a checkpoint that passed
+    its checks but does not load into the model still fails, naming the file.
+    """
+    loaded = store.load(lambda state: _check_checkpoint(state, parts))
+    if loaded is None:
+        _tell(callbacks, f"no checkpoint in {store.directory}: starting from step 0")
+        return None
+    for message in loaded.skipped:
+        _tell(callbacks, f"skipped a damaged checkpoint: {message}")
+    state, model, optimizer = loaded.state, parts.model, parts.optimizer
+    try:
+        for plugin, plugin_state in zip(parts.plugins, state["plugins"], strict=True):
+            plugin.load_state_dict(plugin_state)  # first: a plug-in may reshape the model (growth)
+        parts.strategy.load_model_state_dict(model, state["model"])
+        parts.strategy.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        parts.precision.load_state_dict(state["scaler"])
+        if state.get("gradient_method") is not None:
+            parts.gradient_method.load_state_dict(state["gradient_method"])
+        torch.set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"checkpoint {loaded.path}: does not fit this run ({detail})") from None
+    _tell(callbacks, f"resuming from step {loaded.step} ({loaded.path})")
+    return state
+
+
 def train(
     parts: RunParts,
     *,
@@ -270,26 +342,22 @@ def train(
     if record is not None:
         from ribbed.runs import build_tracker
 
-        tracker = build_tracker(config.trackers, record)
-        checkpoint_path = record.checkpoint_dir / CHECKPOINT_FILE
+        store = CheckpointStore(record.checkpoint_dir)
+        store.remove_unlisted()  # temporary files of a process killed while writing
+    checkpoint_every = checkpoint_interval(config, strategy)
 
     step, train_seconds, history = 0, 0.0, []
     steps_to_target = seconds_to_target = diverged_at = None
+    window_loss, window_steps = 0.0, 0
+    state = None
     if resume and record is not None:
-        checkpoint_path = strategy.checkpoint_path(checkpoint_path)
-    if resume and record is not None and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
-        for plugin, plugin_state in zip(parts.plugins, state["plugins"], strict=True):
-            plugin.load_state_dict(plugin_state)  # first: a plug-in may reshape the model (growth)
-        strategy.load_model_state_dict(model, state["model"])
-        strategy.load_optimizer_state_dict(model, optimizer, state["optimizer"])
-        parts.scheduler.load_state_dict(state["scheduler"])
-        parts.precision.load_state_dict(state["scaler"])
-        if state.get("gradient_method") is not None:
-            parts.gradient_method.load_state_dict(state["gradient_method"])
-        torch.set_rng_state(state["rng"])
+        state = _restore(parts, CheckpointStore(strategy.checkpoint_path(record.checkpoint_dir)), callbacks)
+    if record is not None:
+        tracker = build_tracker(config.trackers, record)  # after the checks, so a refused resume opens none
+    if state is not None:
         step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
         steps_to_target, seconds_to_target = state["steps_to_target"], state["seconds_to_target"]
+        window_loss, window_steps = state.get("window_loss", 0.0), state.get("window_steps", 0)
         record.truncate_metrics_after(step)
     elif record is not None:
         record.truncate_metrics_after(-1)
@@ -303,11 +371,35 @@ def train(
                 precision=parts.precision, device=parts.device,
             )
 
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "model": strategy.model_state_dict(model),
+            "optimizer": strategy.optimizer_state_dict(model, optimizer),
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.precision.state_dict(),
+            "plugins": [plugin.state_dict() for plugin in parts.plugins],
+            "gradient_method": (parts.gradient_method.state_dict()
+                                if hasattr(parts.gradient_method, "state_dict") else None),
+            "rng": torch.get_rng_state(),
+            "step": step,
+            "train_seconds": train_seconds,
+            "history": history,
+            "steps_to_target": steps_to_target,
+            "seconds_to_target": seconds_to_target,
+            "window_loss": window_loss,  # the running train_loss, so resumed rows equal the originals
+            "window_steps": window_steps,
+        }
+
     model.train()
-    window_loss, window_steps = 0.0, 0
     log_loss, log_steps, log_started = 0.0, 0, time.perf_counter()
-    with _deterministic(cfg.deterministic):
+    interrupts = InterruptGuard(enabled=record is not None and strategy.world_size == 1)
+    with _deterministic(cfg.deterministic), interrupts:
         while step < cfg.steps:
+            if interrupts.requested:
+                entries = store.entries() if checkpoint_every else []
+                saved = (store.directory / entries[0]["file"] if entries and entries[0]["step"] == step
+                         else store.save(checkpoint_state(), step) if checkpoint_every else None)
+                raise TrainingInterrupted(step, saved, interrupts.signum, run_id=record.id)
             started = time.perf_counter()
             strategy.begin_step(step)
             optimizer.zero_grad(set_to_none=True)
@@ -379,22 +471,8 @@ def train(
                     steps_to_target, seconds_to_target = step, train_seconds
                     if cfg.stop_at_target:
                         break
-            if record is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(checkpoint_path, {
-                    "model": strategy.model_state_dict(model),
-                    "optimizer": strategy.optimizer_state_dict(model, optimizer),
-                    "scheduler": parts.scheduler.state_dict(),
-                    "scaler": parts.precision.state_dict(),
-                    "plugins": [plugin.state_dict() for plugin in parts.plugins],
-                    "gradient_method": (parts.gradient_method.state_dict()
-                                        if hasattr(parts.gradient_method, "state_dict") else None),
-                    "rng": torch.get_rng_state(),
-                    "step": step,
-                    "train_seconds": train_seconds,
-                    "history": history,
-                    "steps_to_target": steps_to_target,
-                    "seconds_to_target": seconds_to_target,
-                })
+            if record is not None and checkpoint_every and step % checkpoint_every == 0:
+                store.save(checkpoint_state(), step)
 
     final: dict[str, float] = {}
     if has_evaluation_mode(optimizer):

@@ -1,0 +1,80 @@
+"""Ctrl-C and SIGTERM during training: finish the step, checkpoint, then stop with a clear word.
+
+A ``KeyboardInterrupt`` raised in the middle of a step could land inside ``optimizer.step()``
+with half the parameters updated, so a checkpoint taken then would not resume exactly. While
+an :class:`InterruptGuard` is active, the first SIGINT or SIGTERM only sets a flag; the loop
+checks it between steps, saves a checkpoint of the state it has reached, and raises
+:class:`TrainingInterrupted` carrying the step and the checkpoint's path. A second signal
+interrupts at once (the plain ``KeyboardInterrupt``), for a step that never ends.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType, TracebackType
+
+__all__ = ["InterruptGuard", "TrainingInterrupted"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training of run ``run_id`` stopped by a signal at a step boundary; ``checkpoint`` is where
+    it can resume from (``None``: checkpoints are off).
+
+    ``exit_code`` is what a command should exit with: 128 + the signal's number (130 for Ctrl-C).
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGINT,
+                 run_id: str | None = None):
+        self.step = step
+        self.checkpoint = checkpoint
+        self.run_id = run_id
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + int(signum)
+        where = f"checkpoint at {checkpoint}" if checkpoint is not None else "no checkpoint written"
+        super().__init__(f"interrupted ({self.signal_name}) at step {step}, {where}")
+
+
+class InterruptGuard:
+    """Defer SIGINT/SIGTERM to the next step boundary while the block runs (see the module doc).
+
+    Does nothing when ``enabled`` is false or when not on the main thread (only it may set
+    signal handlers), so the plain ``KeyboardInterrupt`` applies there. The previous handlers
+    come back when the block ends.
+
+    Example:
+        >>> with InterruptGuard() as guard:
+        ...     guard.requested
+        False
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a signal arrived since the block started."""
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # the second one: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> InterruptGuard:
+        if self.enabled:
+            for signum in _SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
