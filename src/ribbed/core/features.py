@@ -48,11 +48,6 @@ FEATURE_NAMES = (
 EPS = 1e-12
 
 
-def _grad(param: torch.nn.Parameter) -> torch.Tensor:
-    """The gradient, or zeros for a parameter that took no part in this step's loss."""
-    return param.grad if param.grad is not None else torch.zeros_like(param)
-
-
 def _row_sq(pair: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     """Per-neuron squared norm of a (weight, bias) pair. ``vector_norm`` reads the rows once;
     a dot product of the rows with themselves also writes and re-reads their product, and a
@@ -99,14 +94,14 @@ def _gradient_columns(layer: NeuronLayer, prev: dict[torch.nn.Parameter, torch.T
                       momentum: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
     """One layer's ``log_grad_norm``, ``log_update_ratio``, ``momentum_agreement`` and
     ``hypergradient`` columns ``[n, 4]`` (the features that read the layer's weight rows)."""
-    grad = (_grad(layer.weight), None if layer.bias is None else _grad(layer.bias))
-    weight = (layer.weight, layer.bias)
+    grad = layer.grad_pair()
+    weight = layer.own_pair()
     previous = layer.pair(prev)
     update = (weight[0] - previous[0], None if weight[1] is None else weight[1] - previous[1])
     g_sq, d_sq, w_sq = _row_sq(grad), _row_sq(update), _row_sq(weight)
     hyper = _cos(row_dot(grad, update), g_sq, d_sq)
     if layer.weight in momentum:
-        mom = (momentum[layer.weight], momentum.get(layer.bias) if layer.bias is not None else None)
+        mom = (layer.rows(momentum[layer.weight]), momentum.get(layer.bias) if layer.bias is not None else None)
         agreement = _cos(row_dot(grad, mom), g_sq, _row_sq(mom))
     else:
         agreement = -hyper

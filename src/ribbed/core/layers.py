@@ -1,7 +1,11 @@
 """Neurons as RIBBED sees them: rows of ``Linear`` and ``Conv`` layers, and their activations.
 
 A neuron is one output unit of a ``Linear`` layer (a weight row plus its bias) or one output
-channel of a convolution. Each :class:`NeuronLayer` keeps the layer's parameters, its place in
+channel of a convolution. transformers' ``Conv1D`` (GPT-2's attention and MLP projections) is a
+``Linear`` whose weight is stored transposed, ``[in, out]``: its neurons are weight *columns*,
+and :meth:`NeuronLayer.rows` gives every per-neuron computation the neuron-major view. A weight
+tied to an embedding (GPT-2's ``lm_head`` shares ``wte``) is not a layer of neurons (its rows
+are the vocabulary's embeddings) and steps as the plain base. Each :class:`NeuronLayer` keeps the layer's parameters, its place in
 the global neuron index (``offset``), and running statistics of its outputs collected by a
 forward hook. Every per-neuron quantity is computed for a whole layer at once on
 ``[n_neurons, fan_in]`` views; the only Python loop is over layers (a handful per model).
@@ -10,17 +14,63 @@ forward hook. Every per-neuron quantity is computed for a whole layer at once on
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 __all__ = [
-    "ActivationStats", "IndexedHook", "NeuronLayer", "bin_indices", "binned_entropy", "entropy_of_counts",
-    "find_neuron_layers", "offset_counts", "row_dot", "row_sq_norm",
+    "ActivationStats", "IndexedHook", "NeuronLayer", "bin_indices", "binned_entropy", "coverage_report",
+    "entropy_of_counts", "find_neuron_layers", "is_transposed_linear", "neuron_modules", "offset_counts",
+    "row_dot", "row_sq_norm",
 ]
 
 NEURON_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SMALL_COVERAGE = 0.5
+"""Below this share of the optimised parameters in neuron layers, :func:`coverage_report` warns."""
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W [in, out]``,
+    a ``Linear`` stored transposed (recognised by name, so transformers need not be installed)."""
+    cls = type(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
+def neuron_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """``(name, module, transposed)`` of every ``Linear``/``Conv``/transformers ``Conv1D`` of
+    ``model`` in module order, except a module whose weight is also a parameter of a module of
+    another kind (a ``Linear`` head tied to an ``Embedding``: its rows are token embeddings,
+    not neurons). A weight shared by two neuron modules is listed at its first module only."""
+    other_kinds = {id(p) for module in model.modules()
+                   if not isinstance(module, NEURON_MODULES) and not is_transposed_linear(module)
+                   for p in module.parameters(recurse=False)}
+    found, seen = [], set()
+    for name, module in model.named_modules():
+        transposed = is_transposed_linear(module)
+        if not (transposed or isinstance(module, NEURON_MODULES)):
+            continue
+        if id(module.weight) in other_kinds or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        found.append((name, module, transposed))
+    return found
+
+
+def coverage_report(owner: str, covered: list[torch.Tensor], params: list[torch.Tensor], what: str) -> str:
+    """One line saying which share of the optimised ``params`` lies in ``covered`` (the neuron
+    layers' parameters); a warning when it is below :data:`SMALL_COVERAGE`, so a model whose
+    layers the optimiser does not recognise does not silently get only its base."""
+    total = sum(p.numel() for p in {id(p): p for p in params}.values())
+    inside = sum(p.numel() for p in {id(p): p for p in covered}.values())
+    share = inside / total if total else 0.0
+    line = (f"{owner}: {share:.1%} of the {total:,} optimised parameters are {what}; the rest (embeddings, "
+            "norms, tied heads, unrecognised layers) step as the plain base")
+    if share < SMALL_COVERAGE:
+        warnings.warn(f"{line}. Recognised layers: Linear, Conv1d/2d/3d and transformers' Conv1D", stacklevel=3)
+    return line
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -155,41 +205,64 @@ class NeuronLayer:
     offset: int
     stats: ActivationStats
     handle: object = field(default=None, repr=False)
+    transposed: bool = False  # transformers' Conv1D: the weight is [in, out], neurons are its columns
 
     @property
     def n(self) -> int:
-        return self.weight.shape[0]
+        return self.weight.shape[1] if self.transposed else self.weight.shape[0]
 
     @property
     def fan_in(self) -> int:
-        return math.prod(self.weight.shape[1:]) + (1 if self.bias is not None else 0)
+        inputs = self.weight.shape[0] if self.transposed else math.prod(self.weight.shape[1:])
+        return inputs + (1 if self.bias is not None else 0)
+
+    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped ``tensor`` neuron-major (one neuron per row): itself, or the
+        transposed view for a ``Conv1D``."""
+        return tensor.t() if self.transposed else tensor
+
+    def broadcast(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-neuron ``values [n]`` as a view that broadcasts along each neuron of the weight."""
+        if self.transposed:
+            return values.view(1, -1)
+        return values.view(-1, *([1] * (self.weight.dim() - 1)))
+
+    def own_pair(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)``, neuron-major."""
+        return self.rows(self.weight), self.bias
+
+    def grad_pair(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` gradients, neuron-major (zeros where a parameter has none)."""
+        def grad(p: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(p) if p.grad is None else p.grad
+
+        return self.rows(grad(self.weight)), None if self.bias is None else grad(self.bias)
 
     @property
     def params(self) -> list[nn.Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
     def pair(self, tensors: dict[nn.Parameter, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(weight-shaped, bias-shaped)`` entries of ``tensors`` for this layer."""
-        return tensors[self.weight], None if self.bias is None else tensors[self.bias]
+        """``(weight-shaped, bias-shaped)`` entries of ``tensors`` for this layer, neuron-major."""
+        return self.rows(tensors[self.weight]), None if self.bias is None else tensors[self.bias]
 
 
 def find_neuron_layers(model: nn.Module, params: set[nn.Parameter], *, bins: int = 16,
-                       hooks: bool = True) -> list[NeuronLayer]:
-    """Every ``Linear``/``Conv`` layer of ``model`` whose weight is optimised, in module order.
-
-    A weight shared by two modules (tied embeddings) is counted once, at its first module.
+                       hooks: bool = True, transposed: bool = False) -> list[NeuronLayer]:
+    """Every ``Linear``/``Conv`` layer of ``model`` whose weight is optimised, in module order
+    (:func:`neuron_modules`: a weight tied to an embedding is no layer; one shared by two
+    layers counts once, at its first module). With ``transposed``, transformers' ``Conv1D``
+    layers too (for callers whose per-neuron code goes through :meth:`NeuronLayer.rows`).
     """
     layers: list[NeuronLayer] = []
-    seen: set[int] = set()
     offset = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, NEURON_MODULES) or module.weight not in params or id(module.weight) in seen:
+    for name, module, flipped in neuron_modules(model):
+        if module.weight not in params or (flipped and not transposed):
             continue
-        seen.add(id(module.weight))
         bias = module.bias if module.bias is not None and module.bias in params else None
-        neuron_dim = -1 if isinstance(module, nn.Linear) else 1
-        layer = NeuronLayer(name, module, module.weight, bias, offset,
-                            ActivationStats(module.weight.shape[0], neuron_dim, bins=bins))
+        neuron_dim = -1 if isinstance(module, nn.Linear) or flipped else 1
+        layer = NeuronLayer(name, module, module.weight, bias, offset, ActivationStats(
+            module.weight.shape[1] if flipped else module.weight.shape[0], neuron_dim, bins=bins), transposed=flipped)
         if hooks:
             layer.handle = module.register_forward_hook(layer.stats)
         layers.append(layer)

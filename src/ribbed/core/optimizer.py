@@ -90,7 +90,7 @@ from ribbed.core.evolution import (
 )
 from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
 from ribbed.core.hierarchy import ClusterHierarchy, check_hierarchy_settings
-from ribbed.core.layers import NeuronLayer, find_neuron_layers
+from ribbed.core.layers import NeuronLayer, coverage_report, find_neuron_layers
 from ribbed.core.projection import NeuronNormProjection, check_projection_scope
 from ribbed.core.resets import NeuronResets, check_reset_options
 from ribbed.core.routing import OnlineKMeans
@@ -100,6 +100,7 @@ from ribbed.core.unrolled import UnrolledTrainer, check_unrolled_options
 from ribbed.optim.batches import expect_batches, forget_batches
 from ribbed.optim.functional import closure_loss
 from ribbed.optim.state import attach_global, detach, hooked_load_state_dict, hooked_state_dict
+from ribbed.optim.wrapper import step_base
 
 __all__ = ["RIBBED"]
 
@@ -121,6 +122,21 @@ def _build_base(base: BaseSpec, model: nn.Module, params: list | None, lr: float
         owner = model if params is None else types.SimpleNamespace(parameters=lambda: params)
         return build_optimizer(base, owner, lr=lr, **options)
     return base(list(model.parameters()) if params is None else params, lr=lr, **options)
+
+
+def _check_transposed(layers: list[NeuronLayer], **settings: Any) -> None:
+    """The research pieces that reshape weights row by row (the chiral term, unrolled
+    controller training, neuron resets, the norm projection) do not handle transformers' ``Conv1D`` (a transposed
+    ``Linear``): refuse them on such a model rather than mix up its neurons."""
+    flipped = [layer.name for layer in layers if layer.transposed]
+    used = {name: value for name, value in settings.items() if value and value != "hypergradient"}
+    if flipped and used:
+        name, value = next(iter(used.items()))
+        allowed = {"chiral_gamma": "0", "controller_training": "'hypergradient'",
+                   "resets": "off (reset_rate 0 and no reset_threshold)", "norm_projection": "None"}[name]
+        raise ValueError(f"{name}: got {value!r} on a model with transformers Conv1D layers ({', '.join(flipped[:3])}"
+                         f"{', ...' if len(flipped) > 3 else ''}); allowed: {allowed} (this piece reads weights row "
+                         "by row and does not handle Conv1D's transposed weight)")
 
 
 class RIBBED(torch.optim.Optimizer):
@@ -345,10 +361,14 @@ class RIBBED(torch.optim.Optimizer):
         optimised = {p for group in self.param_groups for p in group["params"]}
         hooks = controllers and activation_features
         self.layers: list[NeuronLayer] = (
-            find_neuron_layers(model, optimised, bins=entropy_bins, hooks=hooks)
+            find_neuron_layers(model, optimised, bins=entropy_bins, hooks=hooks, transposed=True)
             if controllers or self.chiral or density_every or es_every or resets or norm_projection else []
         )
+        _check_transposed(self.layers, chiral_gamma=chiral_gamma, controller_training=controller_training,
+                          resets=resets, norm_projection=norm_projection)
         self.n_neurons = sum(layer.n for layer in self.layers)
+        self.neuron_report = (coverage_report("RIBBED", [p for layer in self.layers for p in layer.params],
+                                              param_list, "in neuron layers") if self.layers else "")
         self._step_count = 0
         self._telemetry: dict[str, float] = {}
         self.density_every, self.density_reward = density_every, density_reward
@@ -429,7 +449,7 @@ class RIBBED(torch.optim.Optimizer):
         if direct:
             scaled_adamw_step(self.base, self._neuron_scales())
         else:
-            self.base.step()
+            step_base(self.base)
         if scaled and not direct and self._lerp_weights is not None:
             if self.evolve_every and self._step_count % self.evolve_every == 0:
                 self._evolve_controllers(closure)
@@ -651,7 +671,7 @@ class RIBBED(torch.optim.Optimizer):
                 if self.controllers_on and self._direct_update():
                     scaled_adamw_step(self.base, self._neuron_scales())
                     return
-                self.base.step()
+                step_base(self.base)
                 if self.controllers_on and self._lerp_weights is not None:
                     torch._foreach_lerp_(self.neuron_params, [before[p] for p in self.neuron_params],
                                          self._lerp_weights)
@@ -675,7 +695,7 @@ class RIBBED(torch.optim.Optimizer):
         views = []
         for layer in self.layers:
             part = values[layer.offset:layer.offset + layer.n].to(layer.weight)
-            views.append(part.view(-1, *([1] * (layer.weight.dim() - 1))))
+            views.append(layer.broadcast(part))
             if layer.bias is not None:
                 views.append(part)
         return views

@@ -44,10 +44,6 @@ __all__ = ["SIGNALS", "StepSizeSignal"]
 SIGNALS = ("trace", "one-step")
 
 
-def _grad(param: torch.nn.Parameter) -> torch.Tensor:
-    return torch.zeros_like(param) if param.grad is None else param.grad
-
-
 class StepSizeSignal:
     """Per-neuron smoothed, RMS-normalised ``dL/d delta_i`` (see the module docstring).
 
@@ -80,9 +76,9 @@ class StepSizeSignal:
             reference = prev
         columns = []
         for layer in self.layers:
-            grad = (_grad(layer.weight), None if layer.bias is None else _grad(layer.bias))
+            grad = layer.grad_pair()
             ref = layer.pair(reference)
-            step = (layer.weight - ref[0], None if layer.bias is None else layer.bias - ref[1])
+            step = (layer.rows(layer.weight) - ref[0], None if layer.bias is None else layer.bias - ref[1])
             columns.append(row_dot(grad, step))
         return torch.cat(columns).float()
 

@@ -48,28 +48,40 @@ from torch import nn
 
 from ribbed.optim.functional import closure_loss
 from ribbed.optim.registry import OptimizerError, register_optimizer
-from ribbed.optim.wrapper import WrappedOptimizer, build_base
+from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_base
 
 __all__ = ["KFAC", "kfac_layers", "layer_inputs", "layer_output_grads"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
 
+def _transposed(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a ``Linear`` whose weight is stored ``[in, out]``."""
+    from ribbed.core.layers import is_transposed_linear  # ribbed.core imports this package: import late
+
+    return is_transposed_linear(module)
+
+
 def _is_supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _transposed(module):
         return True
     return (isinstance(module, _CONVS) and module.groups == 1 and module.padding_mode == "zeros"
             and not isinstance(module.padding, str))
 
 
 def kfac_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers K-FAC preconditions: ``Linear``, and ``Conv1d``/``Conv2d`` with one group and zero padding."""
-    return [m for m in model.modules() if _is_supported(m) and m.weight.requires_grad]
+    """The layers K-FAC preconditions: ``Linear`` (also transformers' ``Conv1D``, a transposed
+    ``Linear``), and ``Conv1d``/``Conv2d`` with one group and zero padding. A weight tied to an
+    embedding (GPT-2's ``lm_head``) is left to the base: the Kronecker factors of its use as a
+    head would precondition a gradient that also holds its use as an embedding."""
+    from ribbed.core.layers import neuron_modules  # ribbed.core imports this package: import late
+
+    return [m for _, m, _ in neuron_modules(model) if _is_supported(m) and m.weight.requires_grad]
 
 
 def layer_inputs(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """The layer's input rows ``[samples * positions, in (+1 for bias)]`` whose outer products form ``A``."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _transposed(module):
         rows = a.reshape(-1, a.shape[-1])
     else:
         if isinstance(module, nn.Conv1d):
@@ -87,14 +99,16 @@ def layer_inputs(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
 
 def layer_output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """The output-gradient rows ``[samples * positions, out]`` whose outer products form ``G``."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _transposed(module):
         return g.reshape(-1, g.shape[-1])
     return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
 
 
 def _grad_matrix(module: nn.Module) -> torch.Tensor:
-    """Weight (and bias) gradient as one ``[out, in (+1)]`` matrix, matching :func:`layer_inputs`."""
-    grad = module.weight.grad.reshape(module.weight.shape[0], -1)
+    """Weight (and bias) gradient as one ``[out, in (+1)]`` matrix, matching :func:`layer_inputs`
+    (a ``Conv1D``'s ``[in, out]`` gradient transposed)."""
+    weight = module.weight.grad
+    grad = weight.t() if _transposed(module) else weight.reshape(weight.shape[0], -1)
     if module.bias is not None:
         grad = torch.cat([grad, module.bias.grad.unsqueeze(1)], dim=1)
     return grad
@@ -136,12 +150,20 @@ class KFAC(WrappedOptimizer):
         _check("factor_every", factor_every, isinstance(factor_every, int) and factor_every >= 1, "an integer >= 1")
         _check("inverse_every", inverse_every, isinstance(inverse_every, int) and inverse_every >= 1, "an integer >= 1")
         _check("kl_clip", kl_clip, kl_clip is None or kl_clip > 0, "> 0 or null")
+        if not isinstance(model, nn.Module):
+            raise OptimizerError(f"optimizer 'kfac': model: got a {type(model).__name__}; allowed: the torch.nn.Module "
+                                 "whose layers K-FAC hooks (KFAC(model, base), with base built on the parameters)")
         super().__init__(base, {"damping": damping, "factor_decay": factor_decay, "kl_clip": kl_clip})
         self.factor_every, self.inverse_every = factor_every, inverse_every
         optimised = {id(p) for group in self.param_groups for p in group["params"]}
         self.layers = [m for m in kfac_layers(model) if id(m.weight) in optimised]
         if not self.layers:
             raise OptimizerError("optimizer 'kfac': the model has no Linear or Conv1d/Conv2d layer to precondition")
+        from ribbed.core.layers import coverage_report  # ribbed.core imports this package: import late
+
+        self.neuron_report = coverage_report(
+            "K-FAC", [p for m in self.layers for p in (m.weight, m.bias) if p is not None], self._params(),
+            "in the layers it preconditions")
         self._pending: dict[nn.Module, dict[str, Any]] = {}
         self._hooks = [m.register_forward_hook(self._forward_hook) for m in self.layers]
         self._warned_unrecorded = False
@@ -185,7 +207,7 @@ class KFAC(WrappedOptimizer):
         self._update_factors(group["factor_decay"])
         preconditioned = [self._precondition(m, group["damping"]) for m in self.layers]
         self._clip_and_write(preconditioned, group)
-        self.base.step()
+        step_base(self.base)
         for module in self.layers:
             state = self.state[module.weight]
             state["steps"] = state.get("steps", 0) + 1
@@ -244,11 +266,10 @@ class KFAC(WrappedOptimizer):
             scale = torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp(min=1e-30)), max=1.0)
         for module, (_, new) in done:
             new = new * scale
-            out = module.weight.shape[0]
-            weight_cols = module.weight[0].numel()
-            module.weight.grad.copy_(new[:, :weight_cols].reshape(module.weight.shape))
+            rows = new if module.bias is None else new[:, :-1]
+            module.weight.grad.copy_(rows.t() if _transposed(module) else rows.reshape(module.weight.shape))
             if module.bias is not None:
-                module.bias.grad.copy_(new[:, weight_cols].reshape(out))
+                module.bias.grad.copy_(new[:, -1])
 
     def __getstate__(self) -> dict:
         """Everything, for ``copy.deepcopy`` and ``pickle`` (``torch.optim.Optimizer`` keeps only

@@ -18,7 +18,28 @@ from torch import nn
 from ribbed.optim.registry import OptimizerError, ParamsArg, build_optimizer
 from ribbed.optim.state import attach_entries, detach, hooked_load_state_dict, hooked_state_dict
 
-__all__ = ["WrappedOptimizer", "build_base"]
+__all__ = ["WrappedOptimizer", "build_base", "step_base"]
+
+
+def step_base(base: torch.optim.Optimizer) -> None:
+    """``base.step()`` as the inner step of an optimiser that wraps ``base``: the base's own step
+    hooks fire, torch's global ones (``torch.optim.optimizer.register_optimizer_step_pre_hook``
+    and ``..._post_hook``, which profilers and trainers count steps with) do not, so they fire
+    once per training step, for the optimiser the user steps, not once more for its base."""
+    step = type(base).step
+    if not getattr(step, "hooked", False):  # a step torch has not wrapped with the hooks
+        base.step()
+        return
+    args: tuple = (base,)
+    kwargs: dict = {}
+    for hook in base._optimizer_step_pre_hooks.values():
+        result = hook(base, args, kwargs)
+        if result is not None:
+            args, kwargs = result
+    step.__wrapped__(*args, **kwargs)
+    base._optimizer_step_code()
+    for hook in base._optimizer_step_post_hooks.values():
+        hook(base, args, kwargs)
 
 
 def build_base(
@@ -46,7 +67,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def __init__(self, base: torch.optim.Optimizer, defaults: dict[str, Any]):
         if not isinstance(base, torch.optim.Optimizer):
             raise OptimizerError(f"base optimiser: got a {type(base).__name__}; allowed: a torch.optim.Optimizer")
-        super().__init__(base.param_groups, defaults)
+        # the base's defaults too: schedulers read them (OneCycleLR cycles momentum or betas
+        # only if the optimiser's defaults have them)
+        super().__init__(base.param_groups, {**base.defaults, **defaults})
         self.base = base
         self.param_groups = base.param_groups
 
