@@ -137,7 +137,8 @@ def test_narrative_says_who_won_by_how_much_at_which_lr_and_what_the_internals_d
     assert f"the baseline leads the next best, {EVIL_ESCAPED} (0.805, lr 0.1), by 0.13: significantly worse" in story
     assert "Steps to val_acc ≥ 0.9, the primary speed figure: adamw 1267 (3/3 runs); not reached by" in story
     assert "Training time per step, measured within each run (evaluation excluded): adamw 20.67 ms" in story
-    assert f"Inside {EVIL_ESCAPED}: the per-neuron learning rates ended within ±0.2% of their mean 0.1" in story
+    assert (f"Inside {EVIL_ESCAPED}: the per-neuron learning rates stayed within ±0.2% of their mean throughout "
+            "training (widest at step 100), so neurons barely differ") in story
     assert EVIL not in story
     assert html.index('<div class="story">') < html.index("Reproduce with")  # at the top
     assert "- adamw had the best test_acc" in markdown.split("Reproduce with", 1)[0]

@@ -40,7 +40,7 @@ def narrative(summary: Mapping[str, Any]) -> list[str]:
     methods = list(dict.fromkeys(run["method"] for run in summary["runs"]))
     for method in methods:
         runs = [run for run in summary["runs"] if run["method"] == method]
-        sentence = _internals(method, final_internals(runs), _peak(runs, "ribbed_multiplier_std"))
+        sentence = _internals(method, runs)
         if sentence:
             sentences.append(sentence)
     return sentences
@@ -118,17 +118,21 @@ def _step_time(by_method: Mapping[str, Sequence[Mapping[str, Any]]], baseline: s
     return _start(where, f"training time per step, measured within each run (evaluation excluded): {parts}.")
 
 
-def _internals(method: str, final: Mapping[str, float], peak: tuple[float, int] | None) -> str | None:
-    """What a method's own mechanism did, from its internal metrics at the end of training."""
+def _internals(method: str, runs: Sequence[Mapping[str, Any]]) -> str | None:
+    """What a method's own mechanism did, from its internal metrics over training."""
+    final = final_internals(runs)
     if not final:
         return None
-    if all(key in final for key in HD_KEYS) and final["hd_lr_mean"] > 0:
-        spread = (final["hd_lr_max"] - final["hd_lr_min"]) / (2 * final["hd_lr_mean"])
-        text = (f"Inside {method}: the per-neuron learning rates ended within ±{100 * spread:.2g}% of their "
-                f"mean {fmt.number(final['hd_lr_mean'])}")
+    if all(key in final for key in HD_KEYS):
+        widest = _hd_spread(runs)
+        if widest is None:
+            return None
+        text = (f"Inside {method}: the per-neuron learning rates stayed within ±{100 * widest[0]:.2g}% of "
+                f"their mean throughout training (widest at step {widest[1]})")
         return text + (", so neurons barely differ and its result is set by its base learning rate."
-                       if spread < 0.05 else ".")
+                       if widest[0] < 0.05 else ".")
     if all(key in final for key in RIBBED_KEYS):
+        peak = _peak(runs, "ribbed_multiplier_std")
         text = (f"Inside {method}: step multipliers ended at a mean of {final['ribbed_multiplier_mean']:.3g} "
                 f"with a spread of {final['ribbed_multiplier_std']:.2g} across neurons")
         if peak is not None and peak[0] > final["ribbed_multiplier_std"]:
@@ -137,7 +141,24 @@ def _internals(method: str, final: Mapping[str, float], peak: tuple[float, int] 
     shown = [key for key in final if not describe(key).startswith("logged by")][:3]
     if not shown:
         return None
-    return f"Inside {method}: " + "; ".join(f"{describe(key)}: {fmt.number(final[key])}" for key in shown) + "."
+    return (f"Inside {method}, at the last evaluation: "
+            + "; ".join(f"{key} = {fmt.number(final[key])} ({describe(key)})" for key in shown) + ".")
+
+
+def _hd_spread(runs: Sequence[Mapping[str, Any]]) -> tuple[float, int] | None:
+    """The widest relative spread of Adam-HD's per-neuron rates, ``(max - min) / (2 mean)``,
+    over the completed runs' evaluations (the rates follow the schedule to 0 at the end, so
+    the last evaluation alone says nothing), and its step."""
+    widest = None
+    for run in runs:
+        if run["status"] != "completed":
+            continue
+        for row in run.get("history") or []:
+            if all(_finite(row.get(key)) for key in HD_KEYS) and row["hd_lr_mean"] > 0:
+                spread = (row["hd_lr_max"] - row["hd_lr_min"]) / (2 * row["hd_lr_mean"])
+                if widest is None or spread > widest[0]:
+                    widest = (spread, row["step"])
+    return widest
 
 
 def _peak(runs: Sequence[Mapping[str, Any]], key: str) -> tuple[float, int] | None:
