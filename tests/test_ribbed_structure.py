@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ribbed.core.structure import adapt_layer, cubic_sparsity, mixture_summary, neuron_rank
 from ribbed.nn.activations import MIXTURE_FUNCTIONS, ActivationMixture
 from ribbed.nn.cnn import CNN1d
 from ribbed.nn.mlp import MLP
 from ribbed.nn.registry import ModelError
+from ribbed.plugins.structure import adapt_layer, cubic_sparsity, mixture_summary, neuron_rank
 from ribbed.train import build_run, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,6 +17,7 @@ __all__ = ["EXTENSION_PACKAGES", "load_extensions"]
 EXTENSION_PACKAGES = (
     "ribbed.optim",
     "ribbed.core",
+    "ribbed.plugins",
     "ribbed.memory",
     "ribbed.sparse",
     "ribbed.alternatives",

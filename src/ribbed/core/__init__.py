@@ -5,9 +5,8 @@
 options: {base: adamw, chiral_gamma: 0.01}}``). ``AdamHD`` (``"adam-hd"``), AdamW with one
 hypergradient-adapted learning rate per neuron, is its cheapest credible baseline.
 
-Training plug-ins: ``information-density`` (per-neuron entropy, mutual information with the
-label, Hoyer sparsity, per-layer effective rank in the metrics rows) and ``ribbed-structure``
-(dense-to-sparse pruning and rewiring guided by density and gradient).
+``import ribbed.core`` needs torch, numpy and ``ribbed.optim`` only; the training plug-ins built
+on these pieces (``information-density``, ``ribbed-structure``) are in ``ribbed.plugins``.
 """
 
 from ribbed.core.density import InformationDensity
@@ -15,22 +14,21 @@ from ribbed.core.hypergradient import AdamHD
 from ribbed.core.optimizer import RIBBED
 from ribbed.core.projection import NormProjected
 from ribbed.core.resets import Resetting
-from ribbed.core.structure import StructureAdaptation
 from ribbed.optim import register_optimizer
 
-__all__ = ["RIBBED", "AdamHD", "InformationDensity", "NormProjected", "Resetting", "StructureAdaptation"]
+__all__ = ["RIBBED", "AdamHD", "InformationDensity", "NormProjected", "Resetting"]
 
 
 @register_optimizer("ribbed", "RIBBED / Meta-BP: per-neuron controllers over a base optimiser (AdamW)",
                     signature_of=RIBBED)
-def _build_ribbed(model, lr, **options) -> RIBBED:
-    return RIBBED(model, lr, **options)
+def _build_ribbed(model, lr, params=None, **options) -> RIBBED:
+    return RIBBED(model, lr, params=params, **options)
 
 
 @register_optimizer("adam-hd", "AdamW with one hypergradient-adapted learning rate per neuron (Baydin et al. 2018)",
                     signature_of=AdamHD)
-def _build_adam_hd(model, lr, **options) -> AdamHD:
-    return AdamHD(model, lr, **options)
+def _build_adam_hd(model, lr, params=None, **options) -> AdamHD:
+    return AdamHD(model, lr, params=params, **options)
 
 
 @register_optimizer("continual-backprop", "AdamW with continual backprop's utility-driven neuron replacement "

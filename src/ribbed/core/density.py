@@ -52,16 +52,13 @@ from ribbed.core.layers import (
     bin_indices,
     binned_entropy,
     entropy_of_counts,
-    find_neuron_layers,
     offset_counts,
 )
-from ribbed.train import TrainingPlugin, register_plugin
 
 __all__ = [
     "CORRECTIONS",
     "InformationDensity",
     "check_density_options",
-    "InformationDensityPlugin",
     "binned_mutual_information",
     "effective_rank",
     "hoyer_sparsity",
@@ -288,62 +285,3 @@ class InformationDensity:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def label_of_step(parts, step: int) -> torch.Tensor:
-    """The labels of training step ``step`` (batches are a pure function of the step)."""
-    return parts.strategy.local_batch(*parts.batches.batch(step))[1]
-
-
-@register_plugin("information-density", "per-neuron entropy, MI with the label, Hoyer sparsity, effective rank")
-class InformationDensityPlugin(TrainingPlugin):
-    """Information density in the metrics rows, every ``every`` steps.
-
-    With RIBBED built with ``density_every``, the plug-in only hands it the step's labels
-    (RIBBED measures, logs, and may use the values as a controller reward). With any other
-    optimiser it measures the model's ``Linear``/``Conv`` layers itself, so baselines get the
-    same columns.
-
-    Args:
-        every: measure every this many steps (ignored when RIBBED measures).
-        bins: histogram bins per neuron.
-        max_samples: output rows kept per layer and measurement.
-        correction: mutual-information bias correction, ``miller-madow`` or ``none``.
-    """
-
-    def __init__(self, every: int = 50, bins: int = 16, max_samples: int = 4096,
-                 correction: str = "miller-madow"):
-        self.every = check_integer("every", every)
-        check_density_options(bins, max_samples, correction)
-        self.options = {"bins": bins, "max_samples": max_samples, "correction": correction}
-
-    def attach(self, parts) -> None:
-        self.parts = parts
-        fed = getattr(parts.optimizer, "density", None)
-        if fed is not None:
-            self.probe, self.own = fed, False
-        else:
-            params = {p for p in parts.model.parameters() if p.requires_grad}
-            layers = find_neuron_layers(parts.model, params, bins=self.options["bins"], hooks=False)
-            self.probe, self.own = InformationDensity(layers, **self.options), True
-            self.probe.arm(True)
-
-    def before_step(self, step: int) -> None:
-        if self.probe.recording:
-            self.probe.observe_labels(label_of_step(self.parts, step))
-            if self.own:
-                self.probe.measure()
-
-    def after_step(self, step: int) -> None:
-        if self.own:
-            self.probe.arm((step + 1) % self.every == 0)
-
-    def metrics(self) -> dict[str, float]:
-        return self.probe.telemetry() if self.own else {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.probe.state_dict() if self.own else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.own and state:
-            self.probe.load_state_dict(state)

@@ -24,10 +24,9 @@ from ribbed.optim.registry import (
 )
 
 # isort: split
-# The registry comes first: ribbed.train imports build_optimizer from here, and the modules
-# below import ribbed.train (to register the keep-batch gradient method).
+# The registry comes first: the modules below register into it.
 from ribbed.optim import library, param_groups, plasticity  # noqa: F401  (registers entries)
-from ribbed.optim.batches import KeepBatch, record_batch
+from ribbed.optim.batches import record_batch
 from ribbed.optim.hessian_free import HessianFree, conjugate_gradient, gauss_newton_product
 from ribbed.optim.kfac import KFAC
 from ribbed.optim.modes import evaluation_weights
@@ -39,7 +38,6 @@ from ribbed.optim.wrapper import WrappedOptimizer
 __all__ = [
     "HessianFree",
     "KFAC",
-    "KeepBatch",
     "L2Regularized",
     "LayerRule",
     "NaturalGradient",

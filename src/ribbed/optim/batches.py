@@ -3,8 +3,8 @@
 Hessian-free and the natural-gradient optimiser need more than ``param.grad``: curvature-vector
 products and loss evaluations on the step's inputs and targets. The training loop calls
 ``optimizer.step()`` without a closure, so the batch travels through a gradient method
-instead: ``keep-batch`` is backprop that also calls :func:`record_batch` for every
-micro-batch. Such an optimiser calls :func:`expect_batches` on its model when built (only
+instead: ``keep-batch`` (``ribbed.train.gradients.KeepBatch``) is backprop that also calls
+:func:`record_batch` for every micro-batch. Such an optimiser calls :func:`expect_batches` on its model when built (only
 then are batches kept, so no other run holds on to them), drops the previous step's
 batches in ``zero_grad`` and reads this step's with :func:`recorded_batches`.
 
@@ -24,9 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ribbed.train.gradients import Backprop, register_gradient_method
-
-__all__ = ["Batch", "KeepBatch", "expect_batches", "forget_batches", "record_batch", "recorded_batches"]
+__all__ = ["Batch", "expect_batches", "forget_batches", "record_batch", "recorded_batches"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,15 +68,3 @@ def recorded_batches(model: nn.Module, who: str) -> list[Batch]:
             "after the backward pass"
         )
     return list(kept)
-
-
-@register_gradient_method("keep-batch", "backprop, and keep each micro-batch for optimisers that evaluate the loss (hessian_free, natural_gradient)")
-class KeepBatch(Backprop):
-    """:class:`~ribbed.train.gradients.Backprop` that also records each micro-batch."""
-
-    keeps_batch = True
-
-    def accumulate(self, model, x, y, loss_fn, precision, loss_scale):
-        loss = super().accumulate(model, x, y, loss_fn, precision, loss_scale)
-        record_batch(model, x, y, loss_fn)
-        return loss

@@ -39,9 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ribbed.core.density import InformationDensity, check_density_options, label_of_step
+from ribbed.core.density import InformationDensity, check_density_options
 from ribbed.core.layers import find_neuron_layers
 from ribbed.nn.activations import ActivationMixture
+from ribbed.plugins.density import label_of_step
 from ribbed.sparse.plugin import MaskedWeightsPlugin, check_fraction
 from ribbed.sparse.rigl import drop_and_grow
 from ribbed.train import register_plugin

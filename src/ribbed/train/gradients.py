@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from ribbed.nn.auxiliary import pop_aux_loss
+from ribbed.optim.batches import record_batch
 from ribbed.registry import Registry
 from ribbed.train.precision import Precision
 
-__all__ = ["GRADIENT_METHODS", "Backprop", "GradientMethod", "build_gradient_method",
+__all__ = ["GRADIENT_METHODS", "Backprop", "GradientMethod", "KeepBatch", "build_gradient_method",
            "list_gradient_methods", "register_gradient_method"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,6 +68,20 @@ class Backprop:
 
 GRADIENT_METHODS: Registry[GradientMethod] = Registry("gradient method", "train.gradient_method")
 GRADIENT_METHODS.register("backprop", "reverse-mode autodiff of the loss (loss.backward())")(Backprop)
+
+
+@GRADIENT_METHODS.register("keep-batch", "backprop, and keep each micro-batch for optimisers that evaluate the "
+                           "loss (hessian_free, natural_gradient)")
+class KeepBatch(Backprop):
+    """:class:`Backprop` that also records each micro-batch (``ribbed.optim.batches``) for the
+    optimisers that evaluate the loss themselves."""
+
+    keeps_batch = True
+
+    def accumulate(self, model, x, y, loss_fn, precision, loss_scale):
+        loss = super().accumulate(model, x, y, loss_fn, precision, loss_scale)
+        record_batch(model, x, y, loss_fn)
+        return loss
 
 
 def register_gradient_method(name: str, description: str):
