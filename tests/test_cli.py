@@ -269,6 +269,11 @@ def test_comparison_takes_run_overrides_and_fast_dev_runs_every_member(tmp_path)
     assert result.exit_code == 2 and "did you mean methods.adamw.optimizer.lr" in result.output
     result = _invoke("run", "default", "--fast-dev-run", "--tune", "--runs-dir", str(runs_dir))
     assert result.exit_code == 2 and "--fast-dev-run" in result.output
+    top_level = _write_config(runs_dir.parent / "cmp.yaml", {
+        "kind": "comparison", "name": "cmp", "baseline": "adamw", "train": {"steps": 5},
+        "methods": {"adamw": {"optimizer": {"name": "adamw"}}}})
+    result = _invoke("run", str(top_level), "--runs-dir", str(runs_dir))
+    assert result.exit_code == 2 and "did you mean base.train?" in result.output
 
 
 def test_every_preset_is_listed_with_a_whole_sentence_and_a_duration_and_in_the_readme():

@@ -269,9 +269,9 @@ class ComparisonConfig(_Strict):
     kind: Literal["comparison"] = "comparison"
     name: str = Field(min_length=1, max_length=64)
     description: str = ""
+    duration: str = ""
     baseline: str
     seeds: PositiveInt | list[int] = 3
-    duration: str = ""
     metric: str = "test_acc"
     mode: Literal["max", "min"] = "max"
     base: RunConfig = Field(default_factory=RunConfig)
@@ -313,9 +313,9 @@ class StudyConfig(_Strict):
     kind: Literal["study"] = "study"
     name: str = Field(min_length=1, max_length=64)
     description: str = ""
+    duration: str = ""
     study: str
     options: dict[str, Any] = Field(default_factory=dict)
-    duration: str = ""
 
 
 AnyConfig = RunConfig | ComparisonConfig | StudyConfig
@@ -510,10 +510,10 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
         if err["type"] == "extra_forbidden":
             allowed = _field_names(model, loc[:-1])
             hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-            lines.append(f"  field `{path}`: unknown key{hint}")
-            continue
             if model is ComparisonConfig and len(loc) == 1 and loc[0] in RunConfig.model_fields:
                 hint += f" (a comparison's run settings live under base: did you mean base.{path}?)"
+            lines.append(f"  field `{path}`: unknown key{hint}")
+            continue
         value = err.get("input")
         lines.append(f"  field `{path}`: got {_show(value)}; {err['msg']}")
     return "\n".join(lines)
