@@ -234,3 +234,12 @@ def test_a_copied_model_and_kfac_train_exactly_like_the_original(copier):
     train(model, optimizer, batches[3:])
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copied_model.parameters(), strict=True))
     assert copied.base is not optimizer.base
+
+
+def test_kfac_given_parameters_instead_of_the_model_says_what_to_pass():
+    model = TinyConvNet()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(OptimizerError, match=r"model: got a generator; allowed: the torch.nn.Module whose layers"):
+        KFAC(model.parameters(), base)
+    with pytest.raises(OptimizerError, match=r"base optimiser: got a list; allowed: a torch.optim.Optimizer"):
+        KFAC(model, list(model.parameters()))

@@ -257,6 +257,58 @@ def test_adam_hd_rates_are_per_neuron_and_follow_the_hypergradient():
     assert len(set(rates.tolist())) == 6
 
 
+def _no_decay_groups(model: nn.Module) -> list[dict]:
+    """Weights decayed, biases not: the two groups transformers' Trainer builds."""
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    return [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
+
+
+def test_adam_hd_param_groups_without_hypergradient_are_adamw_with_those_groups_in_float64():
+    from ribbed.optim import build_optimizer
+
+    ours, theirs = mlp().double(), mlp().double()
+    batches = [(x.double(), y) for x, y in random_batches(25)]
+    optimizer = build_optimizer("adam-hd", ours, lr=1e-2, params=_no_decay_groups(ours), hypergrad_lr=0.0,
+                                weight_decay=0.1)
+    train_steps(ours, optimizer, batches)
+    train_steps(theirs, torch.optim.AdamW(_no_decay_groups(theirs), lr=1e-2, weight_decay=0.1), batches)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_adam_hd_given_a_parameter_list_instead_of_the_model_says_what_to_pass():
+    from ribbed.core import AdamHD
+
+    model = mlp()
+    with pytest.raises(ValueError, match=r"model: got a list; allowed: the torch.nn.Module .* params="):
+        AdamHD(list(model.parameters()), lr=1e-3)
+    with pytest.raises(ValueError, match=r"model: got a generator; allowed: the torch.nn.Module"):
+        AdamHD(model.parameters(), lr=1e-3)
+
+
+def test_adam_hd_keeps_float32_scales_for_bfloat16_parameters_and_reloads_them_exactly():
+    """In bfloat16 a scale of 1 plus a hypergradient step of ~1e-4 rounds back to 1: the rates
+    would never move (plain AdamW). The scales are float32 and survive a state-dict round trip."""
+    from ribbed.core import AdamHD
+
+    model = mlp().to(torch.bfloat16)
+    optimizer = AdamHD(model, lr=1e-2, hypergrad_lr=1e-5)
+    batches = [(x.to(torch.bfloat16), y) for x, y in random_batches(12)]
+    train_steps(model, optimizer, batches)
+    scales = [state["scale"] for state in optimizer.state.values()]
+    assert all(scale.dtype == torch.float32 for scale in scales)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert any(((scale != 1) & ((scale - 1).abs() < 2 ** -8)).any() for scale in scales)  # below bf16's resolution
+    fresh = AdamHD(model, lr=1e-2, hypergrad_lr=1e-5)
+    fresh.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for p in model.parameters():
+        assert fresh.state[p]["scale"].dtype == torch.float32
+        assert torch.equal(fresh.state[p]["scale"], optimizer.state[p]["scale"])
+        assert torch.equal(fresh.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
+
+
 def test_a_single_neuron_with_more_controllers_than_neurons():
     neuron = nn.Linear(3, 1)
     optimizer = RIBBED(neuron, lr=0.05, base="sgd", n_controllers=4, feature_every=1)

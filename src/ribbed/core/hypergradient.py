@@ -167,6 +167,11 @@ class AdamHD(torch.optim.Optimizer):
         self.param_groups = [{**copy.deepcopy({k: v for k, v in mine.items() if k != "params"}), "params": group["params"]}
                              for mine, group in zip(saved, self.param_groups, strict=True)]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything, for ``copy.deepcopy`` and ``pickle`` (``torch.optim.Optimizer`` keeps only
+        ``defaults``, ``state`` and ``param_groups``, which left a copy without its neuron index)."""
+        return dict(self.__dict__)
+
     def rates(self) -> torch.Tensor:
         """Every neuron's current learning rate (first group's lr times its scale), concatenated."""
         lr = self.param_groups[0]["lr"]

@@ -100,7 +100,7 @@ from ribbed.core.unrolled import UnrolledTrainer, check_unrolled_options
 from ribbed.optim.batches import expect_batches, forget_batches
 from ribbed.optim.functional import closure_loss
 from ribbed.optim.state import attach_global, detach, hooked_load_state_dict, hooked_state_dict
-from ribbed.optim.wrapper import step_base
+from ribbed.optim.wrapper import step_inner
 
 __all__ = ["RIBBED"]
 
@@ -449,7 +449,7 @@ class RIBBED(torch.optim.Optimizer):
         if direct:
             scaled_adamw_step(self.base, self._neuron_scales())
         else:
-            step_base(self.base)
+            step_inner(self.base)
         if scaled and not direct and self._lerp_weights is not None:
             if self.evolve_every and self._step_count % self.evolve_every == 0:
                 self._evolve_controllers(closure)
@@ -577,7 +577,7 @@ class RIBBED(torch.optim.Optimizer):
                     loss = loss + self.density_reward * self.density.reward_loss(out.multiplier)
                 self.controller_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                self.controller_optimizer.step()
+                step_inner(self.controller_optimizer)
             raw[:, _SURPRISE_INDEX] = self.surprise.to(raw.device)
         self.normalizer.update(raw)
         inputs = self.normalizer(raw)
@@ -671,7 +671,7 @@ class RIBBED(torch.optim.Optimizer):
                 if self.controllers_on and self._direct_update():
                     scaled_adamw_step(self.base, self._neuron_scales())
                     return
-                step_base(self.base)
+                step_inner(self.base)
                 if self.controllers_on and self._lerp_weights is not None:
                     torch._foreach_lerp_(self.neuron_params, [before[p] for p in self.neuron_params],
                                          self._lerp_weights)

@@ -55,7 +55,7 @@ from torch import nn
 from ribbed.checks import check_integer, check_number
 from ribbed.core.layers import IndexedHook, NeuronLayer, find_neuron_layers
 from ribbed.optim.functional import closure_loss
-from ribbed.optim.wrapper import step_base
+from ribbed.optim.wrapper import step_inner
 
 __all__ = ["SECOND_MOMENTS", "UTILITIES", "NeuronResets", "Resetting", "check_reset_options"]
 
@@ -289,7 +289,7 @@ class Resetting(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = closure_loss(closure)
-        step_base(self.base)
+        step_inner(self.base)
         self._step_count += 1
         self.resets.step(self._step_count, self.generator)
         return loss

@@ -48,7 +48,7 @@ from torch import nn
 
 from ribbed.optim.functional import closure_loss
 from ribbed.optim.registry import OptimizerError, register_optimizer
-from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_base
+from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_inner
 
 __all__ = ["KFAC", "kfac_layers", "layer_inputs", "layer_output_grads"]
 
@@ -57,7 +57,8 @@ _CONVS = (nn.Conv1d, nn.Conv2d)
 
 def _transposed(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a ``Linear`` whose weight is stored ``[in, out]``."""
-    from ribbed.core.layers import is_transposed_linear  # ribbed.core imports this package: import late
+    # ribbed.core imports this package: import late
+    from ribbed.core.layers import is_transposed_linear
 
     return is_transposed_linear(module)
 
@@ -74,7 +75,8 @@ def kfac_layers(model: nn.Module) -> list[nn.Module]:
     ``Linear``), and ``Conv1d``/``Conv2d`` with one group and zero padding. A weight tied to an
     embedding (GPT-2's ``lm_head``) is left to the base: the Kronecker factors of its use as a
     head would precondition a gradient that also holds its use as an embedding."""
-    from ribbed.core.layers import neuron_modules  # ribbed.core imports this package: import late
+    # ribbed.core imports this package: import late
+    from ribbed.core.layers import neuron_modules
 
     return [m for _, m, _ in neuron_modules(model) if _is_supported(m) and m.weight.requires_grad]
 
@@ -159,7 +161,8 @@ class KFAC(WrappedOptimizer):
         self.layers = [m for m in kfac_layers(model) if id(m.weight) in optimised]
         if not self.layers:
             raise OptimizerError("optimizer 'kfac': the model has no Linear or Conv1d/Conv2d layer to precondition")
-        from ribbed.core.layers import coverage_report  # ribbed.core imports this package: import late
+        # ribbed.core imports this package: import late
+        from ribbed.core.layers import coverage_report
 
         self.neuron_report = coverage_report(
             "K-FAC", [p for m in self.layers for p in (m.weight, m.bias) if p is not None], self._params(),
@@ -207,7 +210,7 @@ class KFAC(WrappedOptimizer):
         self._update_factors(group["factor_decay"])
         preconditioned = [self._precondition(m, group["damping"]) for m in self.layers]
         self._clip_and_write(preconditioned, group)
-        step_base(self.base)
+        step_inner(self.base)
         for module in self.layers:
             state = self.state[module.weight]
             state["steps"] = state.get("steps", 0) + 1

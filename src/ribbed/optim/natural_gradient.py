@@ -43,7 +43,7 @@ from torch.func import grad, hessian, jacrev, vmap
 from ribbed.optim.batches import expect_batches, forget_batches, recorded_batches
 from ribbed.optim.functional import FlatParameters, closure_loss, join_batches
 from ribbed.optim.registry import OptimizerError, register_optimizer
-from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_base
+from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_inner
 
 __all__ = ["NaturalGradient", "damped_inverse_product", "fisher_rows"]
 
@@ -171,7 +171,7 @@ class NaturalGradient(WrappedOptimizer):
                               likelihood=self.likelihood, samples=self.samples)
         g = self.flat.flat_grad()
         self.flat.write_grad(damped_inverse_product(rows, m, g, self.param_groups[0]["damping"]))
-        step_base(self.base)
+        step_inner(self.base)
         forget_batches(self.model)
         return loss
 

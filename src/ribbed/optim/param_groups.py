@@ -47,7 +47,7 @@ from torch import nn
 
 from ribbed.optim.functional import closure_loss
 from ribbed.optim.registry import OptimizerError, register_optimizer
-from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_base
+from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_inner
 
 __all__ = ["LayerRule", "TrustRatio", "layerwise_param_groups", "parse_rules"]
 
@@ -211,7 +211,7 @@ class TrustRatio(WrappedOptimizer):
                 self._scale_gradients(group, params)
         before = [torch._foreach_mul(params, 1.0) if g["trust_mode"] == "update" and params else None
                   for g, params in active]
-        step_base(self.base)
+        step_inner(self.base)
         for (group, params), old in zip(active, before, strict=True):
             if old is not None:
                 self._scale_update(group, params, old)

@@ -68,7 +68,7 @@ from torch import nn
 from ribbed.checks import check_integer, check_number
 from ribbed.optim.functional import closure_loss
 from ribbed.optim.registry import OptimizerError, ParamsArg, register_optimizer
-from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_base
+from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_inner
 
 __all__ = [
     "L2Regularized",
@@ -160,7 +160,7 @@ class ShrinkPerturb(WrappedOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = closure_loss(closure)
-        step_base(self.base)
+        step_inner(self.base)
         self.steps += 1
         for group in self.param_groups:
             params = list(group["params"])
@@ -235,7 +235,7 @@ class L2Regularized(WrappedOptimizer):
                 torch._foreach_add_(grads, offsets, alpha=group["l2"])
             else:
                 torch._foreach_add_(grads, params, alpha=group["l2"])
-        step_base(self.base)
+        step_inner(self.base)
         return loss
 
 

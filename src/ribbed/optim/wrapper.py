@@ -18,14 +18,15 @@ from torch import nn
 from ribbed.optim.registry import OptimizerError, ParamsArg, build_optimizer
 from ribbed.optim.state import attach_entries, detach, hooked_load_state_dict, hooked_state_dict
 
-__all__ = ["WrappedOptimizer", "build_base", "step_base"]
+__all__ = ["WrappedOptimizer", "build_base", "step_inner"]
 
 
-def step_base(base: torch.optim.Optimizer) -> None:
-    """``base.step()`` as the inner step of an optimiser that wraps ``base``: the base's own step
-    hooks fire, torch's global ones (``torch.optim.optimizer.register_optimizer_step_pre_hook``
-    and ``..._post_hook``, which profilers and trainers count steps with) do not, so they fire
-    once per training step, for the optimiser the user steps, not once more for its base."""
+def step_inner(base: torch.optim.Optimizer) -> None:
+    """``base.step()`` as an inner step of another optimiser's step (its wrapped base, RIBBED's
+    controller optimiser): the base's own step hooks fire, torch's global ones
+    (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and ``..._post_hook``, which
+    profilers and trainers count steps with) do not, so they fire once per training step, for
+    the optimiser the user steps."""
     step = type(base).step
     if not getattr(step, "hooked", False):  # a step torch has not wrapped with the hooks
         base.step()
