@@ -241,6 +241,7 @@ def test_redirected_run_logs_plain_progress_lines_and_records_threads_and_device
     assert done.returncode == 0, done.stdout + done.stderr
     logged = re.findall(r"^tiny: step (\d+)/40  loss \d+\.\d{4}  [\d.]+ steps/s  eta \S+$", done.stdout, flags=re.M)
     assert logged == ["10", "20", "30", "40"], done.stdout
+    assert "p vs baseline" in done.stdout  # the results table is not cut to 80 columns in a log file
     (row,) = list_runs(tmp_path / "runs")
     record = open_run(tmp_path / "runs", row["id"])
     summary = record.read_summary()

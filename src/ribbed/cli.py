@@ -7,6 +7,8 @@ bars; every finished job prints a results table and the path of its report.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +35,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Redirected to a file or pipe, rich would wrap tables at 80 columns and cut every column to a
+# few letters; a log file has room, so wide tables stay whole ($COLUMNS still wins).
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 
 RunsDir = Annotated[
     Path | None,
