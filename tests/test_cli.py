@@ -130,7 +130,7 @@ def _wait_for_checkpoint(record_dir: Path, process: subprocess.Popen, timeout: f
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     doc = tiny_dict(
         model={"name": "mlp", "options": {"hidden": [64, 64], "dropout": 0.2}},
-        train={"steps": 4000, "eval_every": 200, "checkpoint_every": 200},
+        train={"steps": 4000, "eval_every": 200, "checkpoint_every": 200, "threads": 1},  # same in both processes
     )
     config = _write_config(tmp_path / "resume.yaml", doc)
     whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"

@@ -51,3 +51,18 @@ def test_a_missing_accelerator_is_a_clear_error(monkeypatch):
 def test_device_and_threads_default_to_auto(tiny_config):
     config = tiny_config()
     assert config.train.device == "auto" and config.train.threads == "auto"
+
+
+def test_auto_threads_are_taken_once_per_process(monkeypatch):
+    previous = torch.get_num_threads()
+    loads = iter([0.0, 7.0])
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware, "_TORCH_DEFAULT_THREADS", 8)
+    hardware.process_threads.cache_clear()
+    try:
+        assert resolve_threads("auto") == 8 and resolve_threads("auto") == 8  # the load rose; same count
+    finally:
+        hardware.process_threads.cache_clear()
+        torch.set_num_threads(previous)

@@ -34,7 +34,7 @@ from ribbed.experiments.tuning import apply_params, tune_method
 from ribbed.runs import capture_environment, create_run
 from ribbed.runs.records import FINISHED as FINISHED_RUN
 from ribbed.train import Callback, build_run, train
-from ribbed.train.hardware import auto_threads
+from ribbed.train.hardware import process_threads
 
 __all__ = [
     "Outcome", "Progress", "compare_records", "fairness_warnings", "fast_dev_config", "method_run_config",
@@ -255,7 +255,7 @@ def _fixed_threads(comparison: ComparisonConfig) -> ComparisonConfig:
     if train_cfg.threads != "auto":
         return comparison
     base = comparison.base.model_copy(
-        update={"train": train_cfg.model_copy(update={"threads": auto_threads()})})
+        update={"train": train_cfg.model_copy(update={"threads": process_threads()})})
     return comparison.model_copy(update={"base": base})
 
 

@@ -16,15 +16,21 @@ rule:
    as soon as anything else runs).
 3. Otherwise the cores the 1-minute load average leaves idle (``cores - round(load)``),
    at least 1 and at most torch's default.
+
+The rule is applied once per process, so every run of a process (a comparison's members, the
+tests) uses the same count even as the load changes; a run records the count it used and a
+resumed run takes that one. Two processes compared bit for bit should set ``threads`` (the
+count can differ between them on a machine with more than 2 cores).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-__all__ = ["auto_threads", "available_devices", "resolve_device", "resolve_threads"]
+__all__ = ["auto_threads", "available_devices", "process_threads", "resolve_device", "resolve_threads"]
 
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any run changes it
 
@@ -75,9 +81,15 @@ def auto_threads(cores: int | None = None, load: float | None = None, env: dict 
     return max(1, min(_TORCH_DEFAULT_THREADS, cores - round(load)))
 
 
+@functools.lru_cache(maxsize=1)
+def process_threads() -> int:
+    """``threads: auto`` for this process: :func:`auto_threads` on this machine, taken once."""
+    return auto_threads()
+
+
 def resolve_threads(setting: int | str) -> int:
     """Apply ``train.threads`` to this process (``torch.set_num_threads``); return the count."""
-    threads = auto_threads() if setting == "auto" else int(setting)
+    threads = process_threads() if setting == "auto" else int(setting)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
