@@ -558,3 +558,65 @@ def test_checkpoint_manifest_damage_is_a_clear_error(tmp_path):
     store.manifest_path.write_text("{not json")
     with pytest.raises(CheckpointError, match="manifest.json: unreadable"):
         store.load()
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    lines, previous = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'], "l0"
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*{previous}'] * width)}]")
+        previous = f"l{level}"
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(("name", "text", "problem"), [
+    ("flow-lists.yaml", "train: " + "[" * 3000 + "]" * 3000, "nested too deeply"),
+    ("flow-maps.yaml", "train: " + "{a: " * 600 + "1" + "}" * 600, "nested too deeply"),
+    ("arrays.toml", "x = " + "[" * 2000 + "]" * 2000, "nested too deeply"),
+    ("tables.toml", "x = " + "{a = " * 600 + "1" + "}" * 600, "nested too deeply"),
+    ("bomb.yaml", _alias_bomb(), "expands to more than 100000 values"),
+    ("duplicate.yaml", "name: a\ntrain: {steps: 5}\nname: b\n", "key 'name' appears twice"),
+    ("inf.yaml", "optimizer: {name: adamw, lr: .inf}\n", "optimizer.lr"),
+    ("nan.yaml", "train: {target: {metric: val_acc, value: .nan}}\n", "train.target.value"),
+    ("metric.yaml", "kind: comparison\nname: c\nbaseline: a\nmetric: test_accuracy\n"
+                    "methods: {a: {optimizer: {name: adamw}}}\n", "test_accuracy"),
+])
+def test_hostile_configs_are_refused_quickly_in_one_line(name, text, problem, tmp_path):
+    from ribbed.config import ConfigError, load_config
+
+    path = tmp_path / name
+    path.write_text(text)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert time.monotonic() - started < 2
+    assert problem in str(caught.value)
+
+
+def test_a_name_too_long_for_the_filesystem_is_a_config_error(tmp_path):
+    result = runner.invoke(app, ["run", "x" * 300, "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "File name too long" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("model", "problem"), [
+    ({"name": "mlp", "options": {"hidden": [10**6, 10**6]}}, "parameters, about"),
+    ({"name": "gpt", "options": {"n_embd": 2**62, "n_head": 1}}, "overflow"),
+])
+def test_absurd_model_sizes_are_refused_before_allocating(model, problem, tmp_path):
+    data = {"name": "text-char"} if model["name"] == "gpt" else {"name": "digits"}
+    config = RunConfig.model_validate(tiny_dict(data=data, model=model, train={"threads": 1}))
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="model.options") as caught:
+        build_run(config)
+    assert time.monotonic() - started < 30 and problem in str(caught.value)
+
+
+def test_unknown_trackers_are_refused_before_the_record_exists(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(trackers=["jsonl", "bogus"], train={"threads": 1})))
+    result = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "trackers: got ['bogus']" in result.output
+    assert not list((tmp_path / "runs").glob("*/run.json"))

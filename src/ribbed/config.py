@@ -13,7 +13,7 @@ are checked by the registries when a run is built, with the same kind of message
 
 from __future__ import annotations
 
-import sys
+import reprlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -30,10 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from ribbed.documents import DocumentError, load_document
 
 __all__ = [
     "ConfigError",
@@ -67,7 +64,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf`, `timeout_s: .inf` or `value: .nan` is an error, not a run
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SamplerConfig(_Strict):
@@ -240,7 +238,7 @@ class TuningConfig(_Strict):
     trials: PositiveInt = 8
     grid: NonNegativeInt = 0
     steps: PositiveInt | None = None
-    metric: str = "val_acc"
+    metric: Literal["val_acc", "val_loss"] = "val_acc"  # trials see the validation split only
     mode: Literal["max", "min"] = "max"
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
@@ -272,7 +270,8 @@ class ComparisonConfig(_Strict):
     duration: str = ""
     baseline: str
     seeds: PositiveInt | list[int] = 3
-    metric: str = "test_acc"
+    # what a finished run's summary holds ("final"); checked here, before anything trains
+    metric: Literal["test_acc", "test_loss", "val_acc", "val_loss"] = "test_acc"
     mode: Literal["max", "min"] = "max"
     base: RunConfig = Field(default_factory=RunConfig)
     methods: dict[str, MethodConfig] = Field(min_length=1)
@@ -325,11 +324,15 @@ AnyConfig = RunConfig | ComparisonConfig | StudyConfig
 
 
 def parse_document(text: str, fmt: Literal["yaml", "toml"] = "yaml") -> dict[str, Any]:
-    """Parse a YAML (safe loader) or TOML document into a mapping, or raise ConfigError."""
+    """Parse a YAML (safe loader) or TOML document into a mapping, or raise ConfigError.
+
+    Parsing is bounded (``ribbed.documents``): deep nesting, YAML alias bombs and repeated
+    keys are refused in well under a second, with a one-line message.
+    """
     try:
-        doc = tomllib.loads(text) if fmt == "toml" else yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as exc:
-        raise ConfigError(f"cannot parse the {fmt.upper()} document: {exc}") from None
+        doc = load_document(text, fmt)
+    except (DocumentError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -412,8 +415,8 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
         doc = dict(source)
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        if not _is_file(path):
+            raise ConfigError(f"config file {_show_path(path)} does not exist")
         fmt: Literal["yaml", "toml"] = "toml" if path.suffix == ".toml" else "yaml"
         try:
             text = path.read_text(encoding="utf-8")
@@ -465,11 +468,30 @@ def route_overrides(doc: Mapping[str, Any], overrides: Iterable[str]) -> list[st
 # --------------------------------------------------------------------------- messages
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 60, 60
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 4
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    """A short repr of ``value`` (bounded: a huge or deeply nested value is never repr'd whole)."""
+    text = _SHORT_REPR.repr(value)
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} ({type(value).__name__})"
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, false (not an ``OSError``) for a name too long for the filesystem."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _show_path(path: Path) -> str:
+    text = str(path)
+    return repr(text) if len(text) <= 200 else f"{text[:100]!r}... ({len(text)} characters)"
 
 
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str] | None:

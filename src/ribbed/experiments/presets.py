@@ -53,8 +53,14 @@ def resolve_source(arg: str | None) -> Path:
     if arg is None:
         return preset_path(DEFAULT_PRESET)
     path = Path(arg)
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+        (PRESET_DIR / f"{arg}.yaml").is_file()
+    except OSError as error:  # e.g. a name longer than the filesystem allows
+        shown = repr(arg) if len(arg) <= 60 else f"{arg[:40]!r}... ({len(arg)} characters)"
+        raise ConfigError(f"config or preset {shown}: {error.strerror}; "
+                          "give a config file or a preset name (`ribbed presets` lists them)") from None
     if path.suffix in (".yaml", ".yml", ".toml") or "/" in arg:
         raise ConfigError(f"config file {arg!r} does not exist")
     return preset_path(arg)

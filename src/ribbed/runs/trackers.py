@@ -183,6 +183,23 @@ TRACKERS: dict[str, Callable[[RunRecord], Tracker]] = {
 }
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Raise before a run starts (and before its record exists) when ``names`` has an unknown
+    tracker, or one whose package is not installed."""
+    import importlib.util
+
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        raise ValueError(f"trackers: got {unknown}; allowed: {list(TRACKERS)}")
+    for name in names:
+        package = TRACKER_PACKAGES.get(name)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"trackers: {TrackerUnavailable(name, package)}")
+
+
 def build_tracker(names: Sequence[str] | str, record: RunRecord) -> CompositeTracker:
     """One tracker reporting ``record`` to each named back-end (duplicates ignored).
 

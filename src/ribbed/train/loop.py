@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -127,6 +128,47 @@ def task_loss(task: str):
     return F.cross_entropy
 
 
+TRAINING_COPIES = 4  # weights, gradients and two optimiser moments (AdamW), in float32
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """Memory of ``device`` (the machine's RAM for the CPU); ``None`` when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_model_size(config: RunConfig, dataset: Dataset, device: torch.device) -> None:
+    """Refuse model settings that cannot be trained here, before any memory is allocated.
+
+    The model is first built on the ``meta`` device (shapes only, no storage): sizes that
+    overflow a tensor's shape, or parameters whose weights, gradients and optimiser moments
+    exceed the device's memory, are a ``ValueError`` naming ``model.options`` (a huge width
+    would otherwise allocate for minutes or crash). A model that cannot be built on ``meta``
+    for another reason (an initialiser without a meta kernel) is left to the real build.
+    """
+    try:
+        with torch.device("meta"):
+            shapes = build_model(config.model.name, input_shape=dataset.input_shape,
+                                 num_classes=dataset.num_classes, task=dataset.task, **config.model.options)
+    except (TypeError, OverflowError, RuntimeError) as error:
+        message = " ".join(str(error).split())
+        if isinstance(error, NotImplementedError) or "overflow" not in message.lower():
+            return  # not a size problem (e.g. no meta kernel): the real build reports it
+        raise ValueError(f"model.options: {config.model.options} cannot be built: {message[:200]}; "
+                         "allowed: sizes a tensor can hold") from None
+    parameters = sum(parameter.numel() for parameter in shapes.parameters())
+    needed, available = parameters * 4 * TRAINING_COPIES, _memory_bytes(device)
+    if available is not None and needed > available:
+        raise ValueError(
+            f"model.options: {config.model.options} give model {config.model.name!r} {parameters:,} "
+            f"parameters, about {needed / 2**30:.1f} GiB to train (weights, gradients, optimiser state); "
+            f"allowed: what fits the {device.type} memory of this machine ({available / 2**30:.1f} GiB)")
+
+
 def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
     """Build data, model, optimiser and policies from ``config``; raise on any bad setting.
 
@@ -157,6 +199,10 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
             val_fraction=config.data.val_fraction,
             **config.data.options,
         )
+    from ribbed.runs.trackers import check_trackers
+
+    check_trackers(config.trackers)
+    _check_model_size(config, dataset, device)
     torch.manual_seed(config.seed)
     model = build_model(
         config.model.name,
