@@ -1,7 +1,8 @@
 """Optimisers from the ``pytorch-optimizer`` package, registered under short names.
 
 Lion, LAMB, LARS, Adan, Muon and Lookahead are well-kept there (tested, foreach paths,
-``state_dict`` support), so ribbed registers them rather than rewriting them. Their
+``state_dict`` support), so ribbed registers them rather than rewriting them. The package is
+imported only when one of them is built (importing it costs more than importing torch). Their
 constructors take ``**kwargs`` and keep unknown keys silently; the registry checks options
 against the named keywords only, so a misspelt option is an error here.
 
@@ -23,7 +24,6 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
-import pytorch_optimizer
 import torch
 from torch import nn
 
@@ -32,10 +32,10 @@ from ribbed.optim.wrapper import build_base
 
 __all__ = ["build_lookahead", "build_muon", "muon_param_groups"]
 
-register_optimizer_class("lion", pytorch_optimizer.Lion, "Lion: sign of interpolated momentum (Chen et al. 2023; pytorch-optimizer)", foreach=True)
-register_optimizer_class("lamb", pytorch_optimizer.Lamb, "LAMB: Adam with per-tensor trust ratio (You et al. 2020; pytorch-optimizer)", foreach=True)
-register_optimizer_class("lars", pytorch_optimizer.LARS, "LARS: SGD with per-tensor trust ratio (You et al. 2017; pytorch-optimizer)", foreach=True)
-register_optimizer_class("adan", pytorch_optimizer.Adan, "Adan: adaptive Nesterov momentum (Xie et al. 2022; pytorch-optimizer)", foreach=True)
+register_optimizer_class("lion", "pytorch_optimizer.Lion", "Lion: sign of interpolated momentum (Chen et al. 2023; pytorch-optimizer)", foreach=True)
+register_optimizer_class("lamb", "pytorch_optimizer.Lamb", "LAMB: Adam with per-tensor trust ratio (You et al. 2020; pytorch-optimizer)", foreach=True)
+register_optimizer_class("lars", "pytorch_optimizer.LARS", "LARS: SGD with per-tensor trust ratio (You et al. 2017; pytorch-optimizer)", foreach=True)
+register_optimizer_class("adan", "pytorch_optimizer.Adan", "Adan: adaptive Nesterov momentum (Xie et al. 2022; pytorch-optimizer)", foreach=True)
 
 
 @register_optimizer("lookahead", "Lookahead over any registered base: k fast steps, then pull slow weights (Zhang et al. 2019; pytorch-optimizer)")
@@ -50,6 +50,8 @@ def build_lookahead(
     pullback_momentum: str = "none",
 ) -> torch.optim.Optimizer:
     """``pytorch_optimizer.Lookahead`` around the registered optimiser ``base``."""
+    import pytorch_optimizer
+
     return pytorch_optimizer.Lookahead(
         build_base(model, lr, base, base_options, params=params), k=k, alpha=alpha,
         pullback_momentum=pullback_momentum,
@@ -87,6 +89,8 @@ def build_muon(
 
     ``lr`` is Muon's rate, ``adamw_lr`` the rate of the AdamW group; a schedule scales both.
     """
+    import pytorch_optimizer
+
     return pytorch_optimizer.Muon(
         muon_param_groups(model, adamw_params), lr=lr, adamw_lr=adamw_lr, momentum=momentum,
         weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps, adamw_betas=tuple(adamw_betas),

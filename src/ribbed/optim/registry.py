@@ -83,20 +83,47 @@ def _explicit_signature(cls: type) -> Callable:
     return options_of
 
 
-def _class_factory(cls: type[torch.optim.Optimizer], **defaults) -> OptimizerFactory:
+class _DeferredClass:
+    """An optimiser class named by import path and imported when first used (to build it or to
+    check options against its signature), so that importing the registry does not import the
+    library that holds it (``pytorch_optimizer`` alone takes longer to import than torch)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._cls: Callable | None = None
+
+    def load(self) -> Callable:
+        if self._cls is None:
+            self._cls = _import_class(self.path)
+        return self._cls
+
+    def __call__(self, *args, **kwargs):
+        return self.load()(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # read by inspect.signature (option checks)
+        return _explicit_signature(self.load()).__signature__
+
+
+def _class_factory(cls: type[torch.optim.Optimizer] | _DeferredClass, **defaults) -> OptimizerFactory:
     def factory(model: nn.Module, lr: float, params: ParamsArg = None, **options):
         return cls(model.parameters() if params is None else params, lr=lr, **{**defaults, **options})
 
-    factory.__name__ = f"build_{cls.__name__.lower()}"
+    name = cls.path.rpartition(".")[2] if isinstance(cls, _DeferredClass) else cls.__name__
+    factory.__name__ = f"build_{name.lower()}"
     return factory
 
 
-def register_optimizer_class(name: str, cls: type[torch.optim.Optimizer], description: str, **defaults):
+def register_optimizer_class(name: str, cls: type[torch.optim.Optimizer] | str, description: str, **defaults):
     """Register ``cls(params, lr=lr, **defaults, **options)`` under ``name``.
 
     The options allowed are ``cls``'s constructor keywords; ``defaults`` are applied unless
-    the config sets them (e.g. ``foreach=True``).
+    the config sets them (e.g. ``foreach=True``). ``cls`` may be an import path
+    (``"pytorch_optimizer.Lion"``): the class is then imported the first time it is used.
     """
+    if isinstance(cls, str):
+        deferred = _DeferredClass(cls)
+        return register_optimizer(name, description, signature_of=deferred)(_class_factory(deferred, **defaults))
     return register_optimizer(name, description, signature_of=_explicit_signature(cls))(
         _class_factory(cls, **defaults)
     )
