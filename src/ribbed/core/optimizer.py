@@ -143,8 +143,12 @@ class RIBBED(torch.optim.Optimizer):
     """Neuron-coupled optimiser wrapping a base optimiser (see the module docstring).
 
     Args:
-        model: the network; its ``Linear``/``Conv`` layers are the neurons (forward hooks
-            record activation statistics when ``activation_features`` is on).
+        model: the network; its ``Linear``/``Conv`` layers and transformers' ``Conv1D`` (a
+            transposed ``Linear``) are the neurons (forward hooks record activation statistics
+            when ``activation_features`` is on: build RIBBED before the model's first
+            ``torch.compile`` call). Embeddings, norms and a head tied to an embedding step as
+            the plain base; :attr:`neuron_report` says which share of the parameters are neurons
+            (a warning below half). A parameter list is refused: give it as ``params``.
         lr: learning rate of the base optimiser.
         base: registry name or import path (``"adamw"``, ``"torch.optim.SGD"``), or an optimiser
             class / callable ``(params, lr=, **base_options)``.
@@ -303,7 +307,9 @@ class RIBBED(torch.optim.Optimizer):
         seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model: got {type(model).__name__}; allowed: a torch.nn.Module")
+            raise ValueError(f"model: got {type(model).__name__}; allowed: the torch.nn.Module whose layers are the "
+                             "neurons (give parameter groups as params=; with transformers' Trainer pass "
+                             "optimizers=(RIBBED(model, ...), None) instead of optimizer_cls_and_kwargs)")
         for name, value in (("n_controllers", n_controllers), ("controller_hidden", controller_hidden),
                             ("entropy_bins", entropy_bins), ("feature_every", feature_every),
                             ("routing_every", routing_every), ("graph_every", graph_every)):

@@ -55,6 +55,7 @@ from torch import nn
 from ribbed.checks import check_integer, check_number
 from ribbed.core.layers import IndexedHook, NeuronLayer, find_neuron_layers
 from ribbed.optim.functional import closure_loss
+from ribbed.optim.state import attach_global, detach, hooked_load_state_dict, hooked_state_dict
 from ribbed.optim.wrapper import step_inner
 
 __all__ = ["SECOND_MOMENTS", "UTILITIES", "NeuronResets", "Resetting", "check_reset_options"]
@@ -298,11 +299,26 @@ class Resetting(torch.optim.Optimizer):
         return self.resets.telemetry()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"base": self.base.state_dict(), "resets": self.resets.state_dict(), "step": self._step_count,
-                "generator": self.generator.get_state()}
+        """The base's state dict in torch's layout with the resets' state in the first trainable
+        parameter's entry under ``"resets"`` (``ribbed.optim.state``); hooks honoured."""
+        own = {"resets": self.resets.state_dict(), "step": self._step_count, "generator": self.generator.get_state()}
+        params = [p for group in self.param_groups for p in group["params"]]
+        return hooked_state_dict(self, lambda: attach_global(self.base.state_dict(), "resets", own, params))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base.load_state_dict(state["base"])
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` (also renamed by DCP, or in the ``{"base", ...}`` layout of earlier versions)."""
+        hooked_load_state_dict(self, state_dict, self._load)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
+        if "state" not in state_dict and "base" in state_dict:  # the layout before torch's
+            base_state, state = state_dict["base"], state_dict
+        else:
+            base_state, found = detach(state_dict, "resets")
+            if len(found) != 1:
+                raise KeyError(f"optimizer state dict: the resets' state ('resets' in one entry of 'state') found "
+                               f"in {len(found)} entries; allowed: exactly one (a state dict saved by Resetting)")
+            state = next(iter(found.values()))
+        self.base.load_state_dict(base_state)
         self.param_groups, self.state = self.base.param_groups, self.base.state
         self.resets.optimizer = self.base
         self.resets.load_state_dict(state["resets"])

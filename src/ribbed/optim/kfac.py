@@ -119,6 +119,11 @@ def _grad_matrix(module: nn.Module) -> torch.Tensor:
 class KFAC(WrappedOptimizer):
     """K-FAC preconditioner over ``base`` for the ``Linear`` and ``Conv`` layers of ``model``.
 
+    transformers' ``Conv1D`` (GPT-2) is preconditioned as the ``Linear`` it is; a head tied to
+    an embedding, embeddings and norms step as the plain base (:attr:`neuron_report` says which
+    share of the parameters K-FAC covers, with a warning below half). Build K-FAC before the
+    model's first ``torch.compile`` call: hooks added later never run (a step then warns).
+
     Args:
         model: the network; hooks are registered on its supported layers.
         base: the optimiser that steps with the preconditioned gradients.

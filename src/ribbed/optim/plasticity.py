@@ -68,6 +68,7 @@ from torch import nn
 from ribbed.checks import check_integer, check_number
 from ribbed.optim.functional import closure_loss
 from ribbed.optim.registry import OptimizerError, ParamsArg, register_optimizer
+from ribbed.optim.state import attach_global, detach
 from ribbed.optim.wrapper import WrappedOptimizer, build_base, step_inner
 
 __all__ = [
@@ -126,6 +127,18 @@ class _NoiseSource:
         self.generator.set_state(state)
 
 
+def _own_run_state(state_dict: dict[str, Any], key: str, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """Split a wrapper's run state (``names``) from its state dict: inside a parameter entry
+    under ``key`` (torch's layout), or beside ``state`` as earlier versions saved it."""
+    if all(name in state_dict for name in names):
+        return {k: v for k, v in state_dict.items() if k not in names}, {name: state_dict[name] for name in names}
+    state_dict, found = detach(state_dict, key)
+    if len(found) != 1:
+        raise KeyError(f"optimizer state dict: {key!r} (the run state: {', '.join(names)}) found in {len(found)} "
+                       "entries of 'state'; allowed: exactly one (a state dict saved by this optimiser)")
+    return state_dict, next(iter(found.values()))
+
+
 def _device(params: Sequence[torch.Tensor]) -> torch.device:
     return params[0].device if params else torch.device("cpu")
 
@@ -172,13 +185,17 @@ class ShrinkPerturb(WrappedOptimizer):
                 torch._foreach_add_(params, self.noise.like(params), alpha=group["sigma"])
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "steps": self.steps, "noise": self.noise.state()}
+    def _build_state_dict(self) -> dict[str, Any]:
+        """The wrapper's state dict with the step count and the noise generator in the first
+        trainable parameter's entry (``ribbed.optim.state``), where DCP keeps them."""
+        own = {"steps": self.steps, "noise": self.noise.state()}
+        return attach_global(super()._build_state_dict(), "shrink_perturb_run", own, self._params())
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.steps = int(state_dict["steps"])
-        self.noise.load(state_dict["noise"])
+    def _load(self, state_dict: dict[str, Any]) -> None:
+        state_dict, own = _own_run_state(state_dict, "shrink_perturb_run", ("steps", "noise"))
+        super()._load(state_dict)
+        self.steps = int(own["steps"])
+        self.noise.load(own["noise"])
 
 
 @register_optimizer("shrink-perturb", "Shrink & Perturb over any base (AdamW): w <- shrink*w + sigma*noise every k steps (Ash & Adams 2020)")
@@ -308,13 +325,15 @@ class UPGD(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "noise": self.noise.state()}
+        """torch's state dict with the noise generator in the first trainable parameter's entry
+        (``ribbed.optim.state``), where DCP keeps it."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return attach_global(super().state_dict(), "upgd_run", {"noise": self.noise.state()}, params)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        noise = state_dict.pop("noise")
+        state_dict, own = _own_run_state(state_dict, "upgd_run", ("noise",))
         super().load_state_dict(state_dict)
-        self.noise.load(noise)
+        self.noise.load(own["noise"])
 
 
 @register_optimizer("upgd", "UPGD: utility-gated perturbed gradient descent, first-order global utility (Elsayed & Mahmood 2024)")
