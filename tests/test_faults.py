@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import resource
@@ -620,3 +621,30 @@ def test_unknown_trackers_are_refused_before_the_record_exists(tmp_path):
     result = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 2 and "trackers: got ['bogus']" in result.output
     assert not list((tmp_path / "runs").glob("*/run.json"))
+
+
+def test_booleans_are_not_numbers(tmp_path):
+    from ribbed.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"steps: got True \(a boolean\); allowed: an integer"):
+        load_config(tiny_dict(train={"steps": True}))
+    with pytest.raises(ConfigError, match=r"checkpoint_every: got True .* an integer or 'eval' or null"):
+        load_config(tiny_dict(train={"checkpoint_every": True}))
+    assert load_config(tiny_dict(train={"stop_at_target": True})).train.stop_at_target is True
+
+
+def test_a_finite_blow_up_is_divergence_and_fails_a_single_run(tmp_path):
+    config = tmp_path / "blowup.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(optimizer={"name": "sgd", "lr": 30.0}, train={"threads": 1})))
+
+    result = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path / "runs")])
+
+    assert result.exit_code == 1, result.output
+    (row,) = list_runs(tmp_path / "runs")
+    summary = row["summary"]
+    assert row["status"] == "diverged" and summary["diverged_at"] == EVAL_EVERY
+    assert math.isfinite(open_run(tmp_path / "runs", row["id"]).read_metrics()[0]["train_loss"])
+    assert f"{row['id']}: diverged at step {EVAL_EVERY}" in " ".join(result.output.split())
+    unchecked = RunConfig.model_validate(tiny_dict(optimizer={"name": "sgd", "lr": 30.0},
+                                                   train={"threads": 1, "divergence_factor": None}))
+    assert train(build_run(unchecked)).status == "completed"  # the rule can be switched off

@@ -277,6 +277,11 @@ def run(
     console.print(f"record: {outcome.record.path}")
     console.print(f"report: {outcome.report_html}")
     console.print(f"summary: {outcome.report_md}")
+    if outcome.summary.get("kind") == "run" and outcome.summary["runs"][0]["status"] != "completed":
+        single = outcome.summary["runs"][0]  # a comparison contains its diverging methods and reports them
+        at = f" at step {single['diverged_at']}" if single.get("diverged_at") is not None else ""
+        console.print(f"{single['id']}: {single['status']}{at}", highlight=False)
+        raise typer.Exit(code=1)
 
 
 def _launch_workers(

@@ -16,7 +16,8 @@ from __future__ import annotations
 import reprlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -66,6 +67,17 @@ class ConfigError(ValueError):
 class _Strict(BaseModel):
     # allow_inf_nan=False: `lr: .inf`, `timeout_s: .inf` or `value: .nan` is an error, not a run
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """``steps: true`` is an error, not 1: pydantic reads a boolean as a number otherwise."""
+        if isinstance(data, Mapping):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if isinstance(value, bool) and field is not None and not _takes_booleans(field.annotation):
+                    raise ValueError(f"{name}: got {value!r} (a boolean); allowed: {_plain(field.annotation)}")
+        return data
 
 
 class SamplerConfig(_Strict):
@@ -158,6 +170,9 @@ class TrainConfig(_Strict):
     eval_every: PositiveInt = 100
     target: TargetConfig | None = None
     stop_at_target: bool = False
+    # diverged: a loss that is not finite, or a mean training loss over an evaluation window
+    # above divergence_factor x the first step's loss (null: only a non-finite loss)
+    divergence_factor: PositiveFloat | None = 10.0
     # "eval": a checkpoint at every evaluation (the default, so every run can resume);
     # N: every N steps; null: none (resume then restarts from step 0)
     checkpoint_every: PositiveInt | Literal["eval"] | None = "eval"
@@ -479,6 +494,29 @@ def _show(value: Any) -> str:
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} ({type(value).__name__})"
+
+
+def _takes_booleans(annotation: Any) -> bool:
+    """Whether a field of type ``annotation`` accepts ``True``/``False`` as themselves."""
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(arg, bool) for arg in get_args(annotation))
+    return any(_takes_booleans(arg) for arg in get_args(annotation) if get_origin(annotation) is not dict)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _plain(annotation: Any) -> str:
+    """``PositiveInt | Literal["eval"] | None`` as ``an integer or 'eval' or null``."""
+    if get_origin(annotation) is Annotated:
+        return _plain(get_args(annotation)[0])
+    if get_origin(annotation) is Literal:
+        return " or ".join(repr(arg) for arg in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        return " or ".join(_plain(arg) for arg in get_args(annotation))
+    return _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def _is_file(path: Path) -> bool:

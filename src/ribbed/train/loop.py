@@ -2,7 +2,8 @@
 
 Read :func:`train` top to bottom: it builds nothing itself (see :func:`build_run`), then for
 each optimiser step obtains gradients through the configured gradient method (one call per
-micro-batch, so accumulation is exact), checks the loss is finite, unscales, clips, steps the
+micro-batch, so accumulation is exact), checks the loss is finite (and, at each evaluation, that
+its mean is within ``train.divergence_factor`` of the first step's), unscales, clips, steps the
 optimiser and the schedule, and every ``eval_every`` steps evaluates on the validation split,
 records a metrics row and checks the target. Checkpoints are taken every
 ``checkpoint_every`` steps and a run resumes from one to the same result as an
@@ -395,6 +396,7 @@ def train(
     step, train_seconds, history = 0, 0.0, []
     steps_to_target = seconds_to_target = diverged_at = None
     window_loss, window_steps = 0.0, 0
+    first_loss = None  # the first step's loss, the reference of train.divergence_factor
     state = None
     if resume and record is not None:
         state = _restore(parts, CheckpointStore(strategy.checkpoint_path(record.checkpoint_dir)), callbacks)
@@ -404,6 +406,7 @@ def train(
         step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
         steps_to_target, seconds_to_target = state["steps_to_target"], state["seconds_to_target"]
         window_loss, window_steps = state.get("window_loss", 0.0), state.get("window_steps", 0)
+        first_loss = state.get("first_loss")
         record.truncate_metrics_after(step)
     elif record is not None:
         record.truncate_metrics_after(-1)
@@ -434,6 +437,7 @@ def train(
             "seconds_to_target": seconds_to_target,
             "window_loss": window_loss,  # the running train_loss, so resumed rows equal the originals
             "window_steps": window_steps,
+            "first_loss": first_loss,
         }
 
     model.train()
@@ -463,6 +467,7 @@ def train(
                 strategy.end_step(step, model, optimizer)
                 diverged_at = step
                 break
+            first_loss = loss_value if first_loss is None else first_loss
             if cfg.clip_grad_norm is not None or parts.plugins:
                 parts.precision.unscale(optimizer)
             for plugin in parts.plugins:
@@ -513,6 +518,10 @@ def train(
                 for callback in callbacks:
                     if hasattr(callback, "on_eval"):
                         callback.on_eval(row)
+                if (cfg.divergence_factor is not None and first_loss is not None
+                        and row["train_loss"] > cfg.divergence_factor * first_loss):
+                    diverged_at = step  # finite but exploding (train.divergence_factor)
+                    break
                 if target and steps_to_target is None and _reached(row[target.metric], target):
                     steps_to_target, seconds_to_target = step, train_seconds
                     if cfg.stop_at_target:
