@@ -20,6 +20,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
+from ribbed import RIBBED
 from tests.integration_table import CASES, assert_same_parameters, table
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -128,3 +129,11 @@ def test_trainer_trains_and_resumes_exactly(case, tmp_path):
     resumed = _train(case, 5, tmp_path / "resumed", 6, resume=str(tmp_path / "whole" / "checkpoint-3"))
     assert_same_parameters(whole, resumed)
     assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), whole.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("option, value", [("chiral_gamma", 0.01), ("reset_rate", 1e-3),
+                                           ("controller_training", "unrolled"), ("norm_projection", "all")])
+def test_ribbeds_row_by_row_pieces_refuse_conv1d_layers_by_name(option, value):
+    with pytest.raises(ValueError, match=rf"{option}: got {value!r} on a model with transformers Conv1D layers "
+                                         r"\(a, b\); allowed: .* does not handle Conv1D's transposed weight"):
+        RIBBED(TwoLayers(False), **{option: value})

@@ -124,19 +124,27 @@ def _build_base(base: BaseSpec, model: nn.Module, params: list | None, lr: float
     return base(list(model.parameters()) if params is None else params, lr=lr, **options)
 
 
+_ROW_BY_ROW = {  # option -> (whether a value turns the piece on, what is allowed with Conv1D layers)
+    "chiral_gamma": (lambda v: v != 0, "0"),
+    "controller_training": (lambda v: v != "hypergradient", "'hypergradient'"),
+    "reset_rate": (lambda v: v > 0, "0"),
+    "reset_threshold": (lambda v: v is not None, "None"),
+    "norm_projection": (lambda v: v is not None, "None"),
+}
+
+
 def _check_transposed(layers: list[NeuronLayer], **settings: Any) -> None:
     """The research pieces that reshape weights row by row (the chiral term, unrolled
-    controller training, neuron resets, the norm projection) do not handle transformers' ``Conv1D`` (a transposed
-    ``Linear``): refuse them on such a model rather than mix up its neurons."""
+    controller training, neuron resets, the norm projection) do not handle transformers'
+    ``Conv1D`` (a transposed ``Linear``): refuse them on such a model rather than mix up its
+    neurons."""
     flipped = [layer.name for layer in layers if layer.transposed]
-    used = {name: value for name, value in settings.items() if value and value != "hypergradient"}
-    if flipped and used:
-        name, value = next(iter(used.items()))
-        allowed = {"chiral_gamma": "0", "controller_training": "'hypergradient'",
-                   "resets": "off (reset_rate 0 and no reset_threshold)", "norm_projection": "None"}[name]
-        raise ValueError(f"{name}: got {value!r} on a model with transformers Conv1D layers ({', '.join(flipped[:3])}"
-                         f"{', ...' if len(flipped) > 3 else ''}); allowed: {allowed} (this piece reads weights row "
-                         "by row and does not handle Conv1D's transposed weight)")
+    for name, value in settings.items():
+        on, allowed = _ROW_BY_ROW[name]
+        if flipped and on(value):
+            raise ValueError(f"{name}: got {value!r} on a model with transformers Conv1D layers "
+                             f"({', '.join(flipped[:3])}{', ...' if len(flipped) > 3 else ''}); allowed: {allowed} "
+                             "(this piece reads weights row by row and does not handle Conv1D's transposed weight)")
 
 
 class RIBBED(torch.optim.Optimizer):
@@ -371,7 +379,7 @@ class RIBBED(torch.optim.Optimizer):
             if controllers or self.chiral or density_every or es_every or resets or norm_projection else []
         )
         _check_transposed(self.layers, chiral_gamma=chiral_gamma, controller_training=controller_training,
-                          resets=resets, norm_projection=norm_projection)
+                          reset_rate=reset_rate, reset_threshold=reset_threshold, norm_projection=norm_projection)
         self.n_neurons = sum(layer.n for layer in self.layers)
         self.neuron_report = (coverage_report("RIBBED", [p for layer in self.layers for p in layer.params],
                                               param_list, "in neuron layers") if self.layers else "")
