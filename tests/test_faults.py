@@ -648,3 +648,19 @@ def test_a_finite_blow_up_is_divergence_and_fails_a_single_run(tmp_path):
     unchecked = RunConfig.model_validate(tiny_dict(optimizer={"name": "sgd", "lr": 30.0},
                                                    train={"threads": 1, "divergence_factor": None}))
     assert train(build_run(unchecked)).status == "completed"  # the rule can be switched off
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_sigterm_is_an_interrupt_not_a_kill(defer):
+    from ribbed.train.interrupts import InterruptGuard
+
+    with InterruptGuard(defer=defer) as guard:
+        if defer:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert guard.requested and guard.signum == signal.SIGTERM  # noted, acted on at the next step
+        else:  # a distributed rank: at once
+            with pytest.raises(KeyboardInterrupt, match="SIGTERM received"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -215,7 +215,8 @@ def run(
     seeds: Annotated[int | None, typer.Option(min=1, help="Number of seeds (0..N-1).")] = None,
     tune: Annotated[bool, typer.Option(help="Rerun the equal-budget tuning before the final runs.")] = False,
     nproc: Annotated[int | None, typer.Option(
-        min=1, help="Run on N processes with torchrun (set train.distributed.strategy).")] = None,
+        min=1, help="Run on N processes with torchrun (set train.distributed.strategy); a rank that "
+                    "hangs stops the command after train.distributed.timeout_s (default 300 s).")] = None,
     threads: Annotated[int | None, typer.Option(
         min=1, help="CPU threads per process (train.threads; default auto: 1 on 2 cores or fewer, "
                     "else the idle cores).")] = None,

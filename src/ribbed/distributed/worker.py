@@ -50,7 +50,7 @@ def train_recorded(
     try:
         train(parts, record=record, resume=resume_from is not None)
     except BaseException as exc:
-        record.finish("failed", {"error": f"{type(exc).__name__}: {exc}"})
+        record.record_error(exc, step=getattr(exc, "step", None))
         raise
     return record
 

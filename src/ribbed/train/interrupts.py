@@ -6,6 +6,11 @@ an :class:`InterruptGuard` is active, the first SIGINT or SIGTERM only sets a fl
 checks it between steps, saves a checkpoint of the state it has reached, and raises
 :class:`TrainingInterrupted` carrying the step and the checkpoint's path. A second signal
 interrupts at once (the plain ``KeyboardInterrupt``), for a step that never ends.
+
+Ranks of a distributed run cannot agree on a step boundary without communicating, so there
+(``defer=False``) a signal interrupts at once; SIGTERM, the launcher's way of stopping its
+workers, then raises ``KeyboardInterrupt`` too instead of killing the process outright, so
+the run's record is marked ``interrupted`` and temporary folders are cleaned up.
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ class InterruptGuard:
     """Defer SIGINT/SIGTERM to the next step boundary while the block runs (see the module doc).
 
     Does nothing when ``enabled`` is false or when not on the main thread (only it may set
-    signal handlers), so the plain ``KeyboardInterrupt`` applies there. The previous handlers
-    come back when the block ends.
+    signal handlers), so the plain ``KeyboardInterrupt`` applies there. With ``defer=False``
+    both signals raise ``KeyboardInterrupt`` at once. The previous handlers come back when
+    the block ends.
 
     Example:
         >>> with InterruptGuard() as guard:
@@ -51,8 +57,9 @@ class InterruptGuard:
         False
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, defer: bool = True):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.defer = defer
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -62,8 +69,8 @@ class InterruptGuard:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # the second one: stop now
-            raise KeyboardInterrupt
+        if self.signum is not None or not self.defer:  # the second one, or no deferring: stop now
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
         self.signum = signum
 
     def __enter__(self) -> InterruptGuard:

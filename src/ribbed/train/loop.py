@@ -442,7 +442,7 @@ def train(
 
     model.train()
     log_loss, log_steps, log_started = 0.0, 0, time.perf_counter()
-    interrupts = InterruptGuard(enabled=record is not None and strategy.world_size == 1)
+    interrupts = InterruptGuard(enabled=record is not None, defer=strategy.world_size == 1)
     with _deterministic(cfg.deterministic), interrupts:
         while step < cfg.steps:
             if interrupts.requested:
