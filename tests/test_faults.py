@@ -664,3 +664,21 @@ def test_sigterm_is_an_interrupt_not_a_kill(defer):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.slow
+def test_resume_nproc_continues_a_distributed_run_on_two_processes(stopped, tmp_path):
+    record = _copy_run(stopped, tmp_path / "runs")
+    config = yaml.safe_load(record.config_path.read_text())
+    config["train"]["distributed"] = {"strategy": "ddp"}  # as `ribbed run --nproc 2` would have recorded it
+    record.config_path.write_text(yaml.safe_dump(config))
+    before = record.read_metrics()
+
+    out = _ribbed("resume", record.id, "--nproc", "2", runs_dir=tmp_path / "runs", timeout=300)
+
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert record.read_summary()["status"] == "completed"
+    rows = record.read_metrics()
+    assert [row["step"] for row in rows] == [10, 20, 30, 40]
+    assert rows[:2] == before[:2]  # resumed from step 20 (its rows, times included, kept), not redone
+    assert not list((tmp_path / "runs").glob("*/run.json"))[1:]  # rank 1 wrote to scratch only

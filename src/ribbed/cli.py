@@ -302,6 +302,20 @@ def _launch_workers(
         _fail(str(exc))
 
 
+def _resume_workers(nproc: int, record) -> None:
+    """``record`` resumed on ``nproc`` torchrun workers (``ribbed.distributed.worker``): rank 0
+    continues the record from its checkpoint, the other ranks read that checkpoint too."""
+    from ribbed.distributed import DistributedRunError, launch
+
+    label = record.read_meta().get("method") or "run"
+    record.set_status("running")
+    try:
+        launch(["--runs-dir", str(record.runs_dir), "--run", f"{label}={record.config_path}",
+                "--resume", f"{label}={record.path}"], nproc, module="ribbed.distributed.worker")
+    except DistributedRunError as exc:
+        _fail(f"{exc} ({record.id}: {record.effective_status()})")
+
+
 def _quiet_unless_main_rank() -> None:
     """Workers other than rank 0 of a distributed run print nothing (rank 0 reports)."""
     from ribbed.distributed.process_group import launched_rank
@@ -352,6 +366,9 @@ def _refuse_links(path: Path) -> None:
 @app.command()
 def resume(
     run_ref: Annotated[str, typer.Argument(help="Run or comparison id, unique id prefix, or directory.")],
+    nproc: Annotated[int | None, typer.Option(
+        min=1, help="Resume a distributed run on N processes with torchrun (as `ribbed run --nproc N` "
+                    "started it).")] = None,
     runs_dir: RunsDir = None,
 ) -> None:
     """Continue an unfinished run from its last good checkpoint, to the same result as an
@@ -389,6 +406,11 @@ def resume(
             return
         if not isinstance(cfg, RunConfig):
             _fail(f"{record.id} is a {cfg.kind}; only runs and comparisons resume")
+        if nproc is not None:
+            _resume_workers(nproc, record)
+            html, _ = write_report(summarize_records([record], kind="run", name=cfg.name), record.path)
+            console.print(f"{record.id}: {record.read_meta()['status']}\nreport: {html}")
+            return
         parts = build_run(cfg)
         record.set_status("running")
     except (ConfigError, ValueError, LookupError, OSError) as exc:
