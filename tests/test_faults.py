@@ -495,6 +495,8 @@ def test_a_read_only_runs_dir_lists_and_fails_runs_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "content", "problem"), [
+    ("config.yaml", "train: [unclosed", "not valid YAML"),
+    ("run.json", "", "empty file"),
     ("summary.json", "", "empty file"),
     ("summary.json", '{"status": "compl', "not valid JSON"),
     ("metrics.jsonl", "", "empty, though the run finished 40 steps"),

@@ -469,11 +469,11 @@ def show(
     try:
         record = open_run(_runs_dir(runs_dir), run_ref)
         meta, status = record.read_meta(), record.effective_status()
-        summary = record.read_summary() or {}
+        summary, config = record.read_summary() or {}, record.read_config()
     except (LookupError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"[bold]{record.id}[/] ({meta['kind']}, {status})  {record.path}")
-    console.print_json(json.dumps(record.read_config()))
+    console.print_json(json.dumps(config))
     if summary.get("aggregates") or summary.get("kind") == "study":
         _print_results(summary)
     else:

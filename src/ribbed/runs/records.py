@@ -134,8 +134,20 @@ class RunRecord:
         return _read_json(self.meta_path)
 
     def read_config(self) -> dict[str, Any]:
-        """The resolved config the run was created with."""
-        return yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+        """The resolved config the run was created with.
+
+        Raises:
+            RunFileError: ``config.yaml`` is missing, not YAML, or not a mapping (named in the message).
+        """
+        try:
+            config = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunFileError(f"{self.config_path}: missing (every run dir holds its config)") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise RunFileError(f"{self.config_path}: not valid YAML ({' '.join(str(error).split())[:200]})") from None
+        if config is not None and not isinstance(config, dict):
+            raise RunFileError(f"{self.config_path}: holds a {type(config).__name__}, expected a mapping")
+        return config or {}
 
     def read_summary(self) -> dict[str, Any] | None:
         """``{"status": ..., **summary}`` as passed to :meth:`finish`; ``None`` before that."""
@@ -537,7 +549,7 @@ def find_member(runs_dir: Path | str, config: dict[str, Any], parent: str | None
         record = RunRecord(id=row["id"], path=Path(row["path"]), runs_dir=Path(runs_dir).resolve(), kind="run")
         try:
             same = record.read_config() == config
-        except (OSError, yaml.YAMLError):
+        except (OSError, RunFileError):
             continue
         if not same:
             continue
