@@ -21,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
 from ribbed import RIBBED
+from ribbed.core import AdamHD
 from tests.integration_table import CASES, assert_same_parameters, table
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -137,3 +138,13 @@ def test_ribbeds_row_by_row_pieces_refuse_conv1d_layers_by_name(option, value):
     with pytest.raises(ValueError, match=rf"{option}: got {value!r} on a model with transformers Conv1D layers "
                                          r"\(a, b\); allowed: .* does not handle Conv1D's transposed weight"):
         RIBBED(TwoLayers(False), **{option: value})
+
+
+@pytest.mark.parametrize("optimizer_class", [RIBBED, AdamHD], ids=lambda cls: cls.__name__)
+def test_optimizer_cls_and_kwargs_gets_a_refusal_that_says_what_to_pass(optimizer_class, tmp_path):
+    """The Trainer builds ``optimizer_cls(param_groups, **kwargs)``; these need the model."""
+    arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    trainer = Trainer(model=tiny_gpt2(), args=arguments, train_dataset=_dataset(),
+                      optimizer_cls_and_kwargs=(optimizer_class, {"lr": 1e-3}))
+    with pytest.raises(ValueError, match=r"model: got a? ?list; allowed: the torch.nn.Module .* optimizers=\("):
+        trainer.create_optimizer()
