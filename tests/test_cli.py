@@ -277,6 +277,26 @@ def test_comparison_takes_run_overrides_and_fast_dev_runs_every_member(tmp_path)
     assert result.exit_code == 2 and "did you mean base.train?" in result.output
 
 
+def test_a_study_fast_dev_runs_with_its_stated_options_and_one_without_them_is_refused(tmp_path):
+    from ribbed.config import StudyConfig, load_config
+    from ribbed.experiments.harness import fast_dev_config
+    from ribbed.experiments.presets import list_presets, preset_path
+
+    for name in list_presets():  # every preset can be shortened (each was run so once)
+        fast_dev_config(load_config(preset_path(name)))
+    runs_dir = tmp_path / "runs"
+    done = _ribbed_run("run", "ribbed-phase1", "--fast-dev-run", runs_dir=runs_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (study,) = list_runs(runs_dir, kind="study")
+    options = open_run(runs_dir, study["id"]).read_config()["options"]
+    assert options["steps"] == 3 and options["seeds"] == 1
+    assert isinstance(load_config(preset_path("ribbed-phase1")), StudyConfig)
+
+    bare = _write_config(tmp_path / "study.yaml", {"kind": "study", "name": "bare", "study": "ribbed-phase1"})
+    refused = _invoke("run", str(bare), "--fast-dev-run", "--runs-dir", str(runs_dir))
+    assert refused.exit_code == 2 and "states no fast_dev_options" in refused.output
+
+
 def test_every_preset_is_listed_with_a_whole_sentence_and_a_duration_and_in_the_readme():
     from ribbed.experiments.presets import list_presets
 

@@ -222,7 +222,7 @@ def run(
                     "else the idle cores).")] = None,
     fast_dev_run: Annotated[bool, typer.Option(
         "--fast-dev-run", help="Smoke test: a few steps of every method on every dataset, "
-                               "one seed, no tuning.")] = False,
+                               "one seed, no tuning (a study: its preset's fast_dev_options).")] = False,
     runs_dir: RunsDir = None,
 ) -> None:
     """Run a preset or config file: one run, a comparison of methods x datasets x seeds, or a study."""
@@ -233,10 +233,9 @@ def run(
     try:
         overrides = list(set_ or [])
         _, cfg = _load(config, overrides)
-        if isinstance(cfg, StudyConfig) and (threads is not None or fast_dev_run):
-            _fail(f"--threads and --fast-dev-run apply to runs and comparisons; {cfg.name!r} is a "
-                  f"study ({cfg.study}), whose options set its own sizes and each of its runs "
-                  "picks threads: auto")
+        if isinstance(cfg, StudyConfig) and threads is not None:
+            _fail(f"--threads applies to runs and comparisons; {cfg.name!r} is a study ({cfg.study}), "
+                  "each of whose runs picks threads: auto")
         if fast_dev_run and (tune or nproc is not None):
             _fail("--fast-dev-run is a quick single-process check without tuning; "
                   "leave out --tune and --nproc")

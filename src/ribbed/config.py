@@ -322,7 +322,9 @@ class ComparisonConfig(_Strict):
 class StudyConfig(_Strict):
     """A measurement study (``ribbed.experiments.studies`` registry): tables and figures, not a
     training comparison. ``options`` are the study function's keyword arguments; ``duration``
-    says how long it takes and on what (``ribbed presets`` shows it)."""
+    says how long it takes and on what (``ribbed presets`` shows it); ``fast_dev_options`` are
+    merged over ``options`` by ``--fast-dev-run`` (a few steps, one seed, the smallest sizes).
+    """
 
     kind: Literal["study"] = "study"
     name: str = Field(min_length=1, max_length=64)
@@ -330,6 +332,7 @@ class StudyConfig(_Strict):
     duration: str = ""
     study: str
     options: dict[str, Any] = Field(default_factory=dict)
+    fast_dev_options: dict[str, Any] = Field(default_factory=dict)
 
 
 AnyConfig = RunConfig | ComparisonConfig | StudyConfig

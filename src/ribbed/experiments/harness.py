@@ -25,6 +25,7 @@ from ribbed.config import (
     ConfigError,
     DatasetEntry,
     RunConfig,
+    StudyConfig,
     config_from_dict,
     deep_merge,
 )
@@ -228,12 +229,21 @@ FAST_DEV_STEPS = 3
 
 
 def fast_dev_config(
-    config: RunConfig | ComparisonConfig, steps: int = FAST_DEV_STEPS
-) -> RunConfig | ComparisonConfig:
+    config: RunConfig | ComparisonConfig | StudyConfig, steps: int = FAST_DEV_STEPS
+) -> RunConfig | ComparisonConfig | StudyConfig:
     """A smoke test of ``config`` (Lightning's ``fast_dev_run``): every member (each method
     on each dataset) trains ``steps`` steps with one seed, evaluates once and is tested, with
     no tuning, so a broken method, option or dataset fails in seconds instead of at the end of
-    a long job. Step counts set by a method's overrides are cut too."""
+    a long job. Step counts set by a method's overrides are cut too. A study has no members
+    to cut in general; its preset states ``fast_dev_options`` (a few steps, one seed, the
+    smallest sizes), merged over its options."""
+    if isinstance(config, StudyConfig):
+        if not config.fast_dev_options:
+            raise ConfigError(f"study {config.name!r} states no fast_dev_options, so --fast-dev-run "
+                              "cannot shorten it; allowed: runs, comparisons, studies with fast_dev_options")
+        doc = config.model_dump(mode="json")
+        doc["options"] = deep_merge(doc["options"], doc["fast_dev_options"])
+        return config_from_dict(doc)
     short = {"steps": steps, "eval_every": steps, "stop_at_target": False}
     if isinstance(config, RunConfig):
         return config_from_dict(deep_merge(config.model_dump(mode="json"), {"train": short}))
