@@ -212,9 +212,11 @@ def test_stray_files_of_a_killed_write_are_removed_on_the_next_start(stopped, di
     record = _copy_run(stopped, tmp_path / "runs")
     (record.checkpoint_dir / ".step-000000030.pt.x1y2.tmp").write_bytes(b"half")
     (record.checkpoint_dir / "step-000000030.pt").write_bytes(b"written, manifest not yet")
+    (record.path / ".summary.json.ab12.tmp").write_bytes(b"{")
 
     train(build_run(_config(), digits), record=record, resume=True)
 
+    assert not list(record.path.glob(".*.tmp"))
     names = sorted(p.name for p in record.checkpoint_dir.iterdir())
     assert names == ["manifest.json", "step-000000030.pt", "step-000000040.pt"]
     assert CheckpointStore(record.checkpoint_dir).load().step == STEPS
@@ -684,3 +686,11 @@ def test_resume_nproc_continues_a_distributed_run_on_two_processes(stopped, tmp_
     assert [row["step"] for row in rows] == [10, 20, 30, 40]
     assert rows[:2] == before[:2]  # resumed from step 20 (its rows, times included, kept), not redone
     assert not list((tmp_path / "runs").glob("*/run.json"))[1:]  # rank 1 wrote to scratch only
+
+
+def test_errors_are_one_line_and_debug_adds_the_traceback(tmp_path):
+    plain = runner.invoke(app, ["show", "nope", "--runs-dir", str(tmp_path)])
+    assert plain.exit_code == 2 and plain.output.count("\n") == 1 and "Traceback" not in plain.output
+    debug = runner.invoke(app, ["--debug", "show", "nope", "--runs-dir", str(tmp_path)])
+    assert debug.exit_code == 2 and "Traceback" in debug.output and "RunNotFound" in debug.output
+    assert debug.output.rstrip().splitlines()[-1] == plain.output.rstrip()

@@ -51,7 +51,27 @@ def _runs_dir(value: Path | None) -> Path:
     return value if value is not None else default_runs_dir()
 
 
+_debug = False  # set by --debug: errors also show the traceback of the exception behind them
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="On an error, also print the traceback behind its one-line message.")] = False,
+) -> None:
+    """RIBBED: neuron-coupled training, the backprop toolbox, and honest comparisons."""
+    global _debug
+    _debug = debug
+
+
 def _fail(message: str) -> None:
+    """Print ``error: message`` as one line and exit 2; with ``--debug``, the traceback of the
+    exception being handled (if any) comes first."""
+    import sys
+    import traceback
+
+    if _debug and sys.exc_info()[1] is not None:
+        console.print(traceback.format_exc(), highlight=False, markup=False, end="")
     # soft_wrap: one line however long (a path cut in two cannot be copied); the terminal wraps it
     console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)

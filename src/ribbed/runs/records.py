@@ -226,6 +226,14 @@ class RunRecord:
         kept = [row for row in self.read_metrics() if row["step"] <= step]
         atomic_write_text(self.metrics_path, "".join(_dumps(row) + "\n" for row in kept))
 
+    def remove_stray_files(self) -> list[Path]:
+        """Delete the temporary files (``.<name>.*.tmp``) that an atomic write killed midway left
+        in the run dir; returns them. Call only while no other process writes this run."""
+        stray = [path for path in self.path.glob(".*.tmp") if path.is_file() and not path.is_symlink()]
+        for path in stray:
+            path.unlink(missing_ok=True)
+        return stray
+
     def set_status(self, status: str) -> None:
         """Record ``status`` (e.g. ``"running"`` again on resume) in ``run.json`` and the index.
 

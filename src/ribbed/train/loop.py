@@ -391,6 +391,7 @@ def train(
 
         store = CheckpointStore(record.checkpoint_dir)
         store.remove_unlisted()  # temporary files of a process killed while writing
+        record.remove_stray_files()
     checkpoint_every = checkpoint_interval(config, strategy)
 
     step, train_seconds, history = 0, 0.0, []
