@@ -32,7 +32,7 @@ from ribbed.config import RunConfig
 from ribbed.data import load_dataset
 from ribbed.data.registry import DatasetError
 from ribbed.experiments.harness import run_comparison, run_single
-from ribbed.runs import create_run, list_runs, open_run
+from ribbed.runs import atomic_write_bytes, create_run, list_runs, open_run
 from ribbed.runs.index import index_path
 from ribbed.train import build_run, train
 from ribbed.train.checkpoint import CheckpointError, CheckpointStore, save_checkpoint
@@ -241,6 +241,8 @@ def test_a_full_disk_fails_the_run_in_one_line_and_keeps_the_last_checkpoint(dig
     try:
         with pytest.raises(OSError, match=r"cannot write checkpoint .*step-000000002.pt: File too large"):
             store.save({"step": 2, "w": torch.zeros(100_000)}, 2)
+        with pytest.raises(OSError, match=r"cannot write .*big.bin: File too large"):
+            atomic_write_bytes(tmp_path / "big.bin", bytes(400_000))
         with pytest.raises(OSError, match="File too large") as failed:
             run_single(config, runs_dir=tmp_path / "runs")  # its first checkpoint is ~1 MB
     finally:

@@ -23,8 +23,9 @@ def atomic_writer(path: Path | str) -> Iterator[BinaryIO]:
 
     If the block raises, the temporary file is removed and ``path`` is left as it was. The
     parent directory must exist. A symbolic link at ``path`` is replaced by the new file,
-    never written through, so a write cannot land outside the directory. An existing file keeps its permission bits; a new one gets
-    ``0o644`` (``mkstemp`` alone would leave it readable by the owner only).
+    never written through, so a write cannot land outside the directory. An existing file
+    keeps its permission bits; a new one gets ``0o644`` (``mkstemp`` alone would leave it
+    readable by the owner only).
 
     Example:
         >>> import tempfile, pathlib
@@ -54,9 +55,19 @@ def atomic_writer(path: Path | str) -> Iterator[BinaryIO]:
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (see :func:`atomic_writer`)."""
-    with atomic_writer(path) as handle:
-        handle.write(data)
+    """Replace ``path`` with ``data`` atomically (see :func:`atomic_writer`).
+
+    Raises:
+        OSError: the write failed (disk full, file size limit, read-only folder); the message
+            names ``path`` and the cause, and ``path`` is left as it was.
+    """
+    try:
+        with atomic_writer(path) as handle:
+            handle.write(data)
+    except OSError as error:
+        if str(path) in str(error):
+            raise
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
 
 
 def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> None:

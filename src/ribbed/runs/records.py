@@ -167,12 +167,17 @@ class RunRecord:
             raise ValueError(f"a metrics row needs a 'step' key, got keys {sorted(row)}")
         line = (_dumps(row) + "\n").encode("utf-8")
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # never through a link
-        with open(os.open(self.metrics_path, flags, 0o644), "ab", buffering=0) as file:
-            written = file.write(line)
-            if written != len(line):
-                raise OSError(f"short write to {self.metrics_path}: {written} of {len(line)} bytes")
-            if fsync:
-                os.fsync(file.fileno())
+        try:
+            with open(os.open(self.metrics_path, flags, 0o644), "ab", buffering=0) as file:
+                written = file.write(line)
+                if written != len(line):
+                    raise OSError(f"short write to {self.metrics_path}: {written} of {len(line)} bytes")
+                if fsync:
+                    os.fsync(file.fileno())
+        except OSError as error:
+            if error.errno is None:
+                raise
+            raise OSError(error.errno, f"cannot append to {self.metrics_path}: {error.strerror}") from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All metric rows in order; a trailing partial line (a killed writer) is skipped.
