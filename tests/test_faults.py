@@ -696,3 +696,67 @@ def test_errors_are_one_line_and_debug_adds_the_traceback(tmp_path):
     debug = runner.invoke(app, ["--debug", "show", "nope", "--runs-dir", str(tmp_path)])
     assert debug.exit_code == 2 and "Traceback" in debug.output and "RunNotFound" in debug.output
     assert debug.output.rstrip().splitlines()[-1] == plain.output.rstrip()
+
+
+def _two_seeds(context, steps: int = 20):
+    """A study of two tiny runs (seeds 0 and 1), for the resume test below."""
+    from ribbed.experiments.studies import StudyResult, Table
+
+    rows = []
+    for seed in (0, 1):
+        config = RunConfig.model_validate(tiny_dict(seed=seed, train={"steps": steps, "eval_every": 10, "threads": 1}))
+        record, result = context.train(config, method="adamw", label=f"seed {seed}")
+        rows.append([seed, record.id, result.status, result.final.get("test_acc"), len(result.history)])
+    return StudyResult(tables=[Table("runs", ["seed", "id", "status", "test_acc", "rows"], rows)])
+
+
+def test_an_interrupted_study_resumes_reusing_its_finished_runs(tmp_path):
+    from ribbed.config import config_from_dict
+    from ribbed.experiments.studies import STUDIES, register_study, run_study
+
+    if "fault-two-seeds" not in STUDIES.describe():
+        register_study("fault-two-seeds", "two tiny runs")(_two_seeds)
+    runs_dir = tmp_path / "runs"
+
+    class CtrlCInSecondRun:
+        def __init__(self):
+            self.started = 0
+
+        def start_run(self, label, steps):
+            self.started += 1
+            second = self.started == 2
+
+            class Press:
+                def on_step(self, step, loss):
+                    if second and step == 12:
+                        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the guard defers it to the step's end
+            return Press()
+
+        def end_run(self, label, entry):
+            pass
+
+        def message(self, text):
+            pass
+
+    study = config_from_dict({"kind": "study", "name": "two", "study": "fault-two-seeds"})
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, runs_dir=runs_dir, progress=CtrlCInSecondRun())
+    (parent,) = list_runs(runs_dir, kind="study")
+    assert parent["status"] == "interrupted"
+    first, second = sorted(list_runs(runs_dir, parent=parent["id"]), key=lambda row: row["seed"])
+    assert (first["status"], second["status"]) == ("completed", "interrupted")
+    assert second["summary"]["step"] == 12
+    first_summary = (Path(first["path"]) / "summary.json").read_bytes()
+
+    result = runner.invoke(app, ["resume", parent["id"], "--runs-dir", str(runs_dir)])
+
+    assert result.exit_code == 0, result.output
+    assert f"reusing {first['id']}" in result.output
+    children = {row["id"]: row for row in list_runs(runs_dir, parent=parent["id"])}
+    assert set(children) == {first["id"], second["id"]} and {r["status"] for r in children.values()} == {"completed"}
+    assert (Path(first["path"]) / "summary.json").read_bytes() == first_summary  # not retrained
+    summary = open_run(runs_dir, parent["id"]).read_summary()
+    assert summary["status"] == "completed"
+    (table,) = summary["tables"]
+    assert [row[1] for row in table["rows"]] == [first["id"], second["id"]]
+    assert [row[4] for row in table["rows"]] == [2, 2] and all(row[3] > 0.3 for row in table["rows"])

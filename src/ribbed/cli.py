@@ -391,7 +391,7 @@ def resume(
     runs_dir: RunsDir = None,
 ) -> None:
     """Continue an unfinished run from its last good checkpoint, to the same result as an
-    uninterrupted run; or an unfinished comparison, reusing its finished member runs.
+    uninterrupted run; or an unfinished comparison or study, reusing its finished runs.
 
     A finished run (completed or diverged) is refused, as is a run whose process still runs.
     """
@@ -423,8 +423,16 @@ def resume(
             _print_results(outcome.summary)
             console.print(f"report: {outcome.report_html}")
             return
+        if isinstance(cfg, StudyConfig):
+            from ribbed.experiments.studies import run_study
+
+            with _progress_bars() as bars:
+                outcome = run_study(cfg, runs_dir=record.runs_dir, progress=RichProgress(bars, 1), record=record)
+            _print_results(outcome.summary)
+            console.print(f"report: {outcome.report_html}")
+            return
         if not isinstance(cfg, RunConfig):
-            _fail(f"{record.id} is a {cfg.kind}; only runs and comparisons resume")
+            _fail(f"{record.id} is a {cfg.kind}; only runs, comparisons and studies resume")
         if nproc is not None:
             _resume_workers(nproc, record)
             html, _ = write_report(summarize_records([record], kind="run", name=cfg.name), record.path)

@@ -81,6 +81,7 @@ class StudyContext:
     record: Any
     runs_dir: Path
     progress: Any = None
+    resuming: bool = False  # ribbed resume: reuse this study's finished runs, resume its interrupted ones
 
     @property
     def artifacts(self) -> Path:
@@ -109,20 +110,38 @@ class StudyContext:
 
         ``callbacks`` are given the run's parts first (``callback.attach(parts)`` when they
         have it), so they can read the model or optimiser while it trains.
+
+        When the study resumes (``resuming``), a run without ``callbacks`` that this study
+        already finished with the same config is not trained again: its record and result
+        (summary, metric rows, final weights; see :func:`ribbed.train.loop.recorded_result`)
+        are returned; one it had started resumes from its checkpoint. Runs with callbacks train
+        anew, since their callbacks must see the whole run.
         """
         from ribbed.data import load_dataset
         from ribbed.runs import create_run
+        from ribbed.runs.records import FINISHED, find_member
         from ribbed.train import build_run, train
+        from ribbed.train.loop import recorded_result
 
         if dataset is None:
             dataset = load_dataset(config.data.name, seed=config.data.seed,
                                    val_fraction=config.data.val_fraction, **config.data.options)
         parts = build_run(config, dataset)
-        record = create_run(
-            self.runs_dir, name=config.name, config=config.model_dump(mode="json"),
-            parent=self.record.id, method=method,
-            dataset=f"{config.data.name}/{config.model.name}", seed=config.seed,
-        )
+        recorded = config.model_dump(mode="json")
+        record = (find_member(self.runs_dir, recorded, parent=self.record.id, anywhere=False)
+                  if self.resuming and not callbacks else None)
+        if record is not None and record.read_meta()["status"] in FINISHED:
+            self.message(f"{label or method}: reusing {record.id} ({record.read_meta()['status']})")
+            return record, recorded_result(record, parts)
+        resume = record is not None
+        if resume:
+            record.set_status("running")
+        else:
+            record = create_run(
+                self.runs_dir, name=config.name, config=recorded,
+                parent=self.record.id, method=method,
+                dataset=f"{config.data.name}/{config.model.name}", seed=config.seed,
+            )
         for callback in callbacks:
             if hasattr(callback, "attach"):
                 callback.attach(parts)
@@ -130,7 +149,7 @@ class StudyContext:
         if self.progress is not None:
             callbacks.append(self.progress.start_run(label or method, config.train.steps))
         try:
-            result = train(parts, record=record, callbacks=callbacks)
+            result = train(parts, record=record, callbacks=callbacks, resume=resume)
         except BaseException as exc:
             record.record_error(exc, step=getattr(exc, "step", None))
             raise
@@ -150,8 +169,12 @@ def list_studies() -> dict[str, str]:
     return STUDIES.describe()
 
 
-def run_study(config: StudyConfig, *, runs_dir: Path, progress=None, command: str = ""):
-    """Run study ``config.study`` with its options; record it and write its report."""
+def run_study(config: StudyConfig, *, runs_dir: Path, progress=None, command: str = "", record=None):
+    """Run study ``config.study`` with its options; record it and write its report.
+
+    ``record``: the unfinished study record to continue (``ribbed resume``): the study runs
+    again in it, reusing the runs it finished (see :meth:`StudyContext.train`).
+    """
     from ribbed.experiments.harness import Outcome, _command, _now
     from ribbed.registry import check_options
     from ribbed.report import write_report
@@ -160,13 +183,16 @@ def run_study(config: StudyConfig, *, runs_dir: Path, progress=None, command: st
     load_extensions()
     entry = STUDIES.entry(config.study)
     check_options("options", config.study, entry.signature_of, config.options, STUDIES.positional)
-    record = create_run(runs_dir, name=config.name, kind="study", config=config.model_dump(mode="json"))
-    context = StudyContext(record=record, runs_dir=Path(runs_dir), progress=progress)
+    resuming = record is not None
+    if resuming:
+        record.set_status("running")
+    else:
+        record = create_run(runs_dir, name=config.name, kind="study", config=config.model_dump(mode="json"))
+    context = StudyContext(record=record, runs_dir=Path(runs_dir), progress=progress, resuming=resuming)
     try:
         result = entry.factory(context, **config.options)
     except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        record.finish(status, {"error": f"{type(exc).__name__}: {exc}"})
+        record.record_error(exc)
         raise
     figures_dir = record.path / "figures"
     figures_dir.mkdir(exist_ok=True)

@@ -549,12 +549,14 @@ def _filter_rows(rows: list[dict[str, Any]], *, kind: str | None, parent: str | 
     return result
 
 
-def find_member(runs_dir: Path | str, config: dict[str, Any], parent: str | None = None) -> RunRecord | None:
-    """A run of ``runs_dir`` that a comparison can use instead of training ``config`` again.
+def find_member(runs_dir: Path | str, config: dict[str, Any], parent: str | None = None,
+                anywhere: bool = True) -> RunRecord | None:
+    """A run of ``runs_dir`` that a comparison or study can use instead of training ``config`` again.
 
     The newest finished (completed or diverged) run whose recorded config equals ``config``
-    exactly; failing that, an unfinished one (interrupted, failed, stale) of comparison
-    ``parent`` with that config, to resume in place. ``None`` when there is neither.
+    exactly (of any parent, or only of ``parent`` unless ``anywhere``); failing that, an
+    unfinished one (interrupted, failed, stale) of ``parent`` with that config, to resume in
+    place. ``None`` when there is neither.
     """
     rows = [row for row in list_runs(runs_dir, kind="run") if row.get("name") == config.get("name")]
     unfinished = None
@@ -566,7 +568,7 @@ def find_member(runs_dir: Path | str, config: dict[str, Any], parent: str | None
             continue
         if not same:
             continue
-        if row["status"] in FINISHED:
+        if row["status"] in FINISHED and (anywhere or row.get("parent") == parent):
             return record
         if unfinished is None and parent is not None and row.get("parent") == parent and row["status"] != "running":
             unfinished = record

@@ -122,6 +122,44 @@ class TrainResult:
         }
 
 
+def recorded_result(record, parts: RunParts) -> TrainResult:
+    """The :class:`TrainResult` of ``record``, a run that finished earlier with ``parts``' config:
+    its summary and metric rows, and ``parts.model`` holding its saved final weights
+    (``model.safetensors``). The optimiser is ``parts.optimizer`` as built: its state is not saved
+    with a finished run. Lets a resumed study reuse the runs it had finished.
+
+    Raises:
+        ValueError: the run has no summary, or its weights do not fit the model (naming the file).
+    """
+    from safetensors.torch import load_file
+
+    summary = record.read_summary()
+    if summary is None:
+        raise ValueError(f"{record.summary_path}: missing; {record.id} has not finished")
+    weights_path = record.path / "model.safetensors"
+    try:
+        weights = load_file(weights_path)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{weights_path}: cannot be read ({' '.join(str(error).split())[:200]})") from None
+    state = parts.model.state_dict()
+    stored = {state[name].data_ptr() for name in weights if name in state}
+    tied = [name for name in state if name not in weights and state[name].data_ptr() in stored]
+    missing = [name for name in state if name not in weights and name not in tied]
+    unexpected = [name for name in weights if name not in state]
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            state[name].copy_(tensor)
+    return TrainResult(
+        status=summary["status"], steps=summary.get("steps", 0), final=summary.get("final", {}),
+        history=record.read_metrics(), steps_to_target=summary.get("steps_to_target"),
+        seconds_to_target=summary.get("seconds_to_target"), train_seconds=summary.get("train_seconds", 0.0),
+        diverged_at=summary.get("diverged_at"), model=parts.model, optimizer=parts.optimizer,
+        device=str(parts.device), threads=parts.threads,
+    )
+
+
 def task_loss(task: str):
     """Cross-entropy over classes (classification) or over tokens (language modelling)."""
     if task == "language-modeling":
