@@ -152,3 +152,16 @@ def test_a_neuron_with_all_zero_weights_is_refused():
     layers = find_neuron_layers(model, set(model.parameters()), hooks=False)
     with pytest.raises(ValueError, match=r"layers \['0'\] have a neuron whose incoming weights are all zero"):
         NeuronNormProjection(layers)
+
+
+def test_global_step_hooks_fire_once_per_step_for_the_wrapper():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    seen = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: seen.append(type(opt).__name__))
+    try:
+        model = mlp()
+        train(model, NormProjected(model, 0.01), range(3))
+    finally:
+        handle.remove()
+    assert seen == ["NormProjected"] * 3

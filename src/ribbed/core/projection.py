@@ -47,6 +47,7 @@ from torch import nn
 from ribbed.checks import check_number
 from ribbed.core.layers import NeuronLayer, find_neuron_layers
 from ribbed.optim.state import attach_global, detach, hooked_load_state_dict, hooked_state_dict
+from ribbed.optim.wrapper import step_inner
 
 __all__ = ["PROJECTION_SCOPES", "NeuronNormProjection", "NormProjected", "check_projection_scope"]
 
@@ -144,7 +145,7 @@ class NormProjected(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.base.step()
+        step_inner(self.base)  # torch's global step hooks fire once, for this optimiser
         self.projection.project()
         return loss
 
