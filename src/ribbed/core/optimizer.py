@@ -104,6 +104,18 @@ from ribbed.optim.wrapper import step_inner
 
 __all__ = ["RIBBED"]
 
+
+def _eagerly(method: Callable, *args: Any) -> Any:
+    """``method(*args)``, run outside Dynamo's trace when the step is being compiled.
+
+    ``torch.compiler.disable`` as a decorator would import ``torch._dynamo`` with this module,
+    which takes longer than everything else ``import ribbed.core`` loads; here it is called
+    only while compiling, when Dynamo is loaded anyway.
+    """
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(method)(*args)
+    return method(*args)
+
 _PREDICTED_INDEX = [FEATURE_NAMES.index(name) for name in PREDICTED]
 _SURPRISE_INDEX = FEATURE_NAMES.index("surprise")
 BaseSpec = str | type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
@@ -452,7 +464,7 @@ class RIBBED(torch.optim.Optimizer):
         the controllers saw no hypergradient and never learned).
         """
         loss = closure_loss(closure)
-        self._before_update(closure)
+        _eagerly(self._before_update, closure)
         evolving = (self.controllers_on and bool(self.evolve_every) and self._step_count % self.evolve_every == 0
                     and self._lerp_weights is not None)
         # while every multiplier is exactly 1 (the start, frozen controllers) the step is the base's own
@@ -466,12 +478,11 @@ class RIBBED(torch.optim.Optimizer):
             step_inner(self.base)
         if scaled and not direct and self._lerp_weights is not None:
             if self.evolve_every and self._step_count % self.evolve_every == 0:
-                self._evolve_controllers(closure)
+                _eagerly(self._evolve_controllers, closure)
             torch._foreach_lerp_(self.neuron_params, self.prev, self._lerp_weights)
-        self._after_update()
+        _eagerly(self._after_update)
         return loss
 
-    @torch.compiler.disable
     def _before_update(self, closure: Callable[[], float] | None) -> None:
         """Information density, the controllers' refresh, guided ES and the chiral term."""
         if self.density is not None:
@@ -490,7 +501,6 @@ class RIBBED(torch.optim.Optimizer):
                 self._evolve_chirality(closure)
             self.chiral.apply(self.layers)
 
-    @torch.compiler.disable
     def _after_update(self) -> None:
         """Count the step, run the resets and the norm projection, and record activations on the
         steps before a refresh."""
@@ -650,7 +660,6 @@ class RIBBED(torch.optim.Optimizer):
         """What the forward hooks record into (paused during trial evaluations)."""
         return [layer.stats for layer in self.layers] + ([self.density] if self.density is not None else [])
 
-    @torch.compiler.disable
     def _evolve_controllers(self, closure: Callable[[], float] | None) -> None:
         """Selection over the controller bank, each candidate scored on the loss after its trial
         step ``before + m (after - before)``; a mutant replaces the bank only if strictly better."""
