@@ -9,6 +9,7 @@ repeat YAML aliases. Accepted configs are built (not trained) on the tiny digits
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -64,7 +65,7 @@ def _set(doc: dict, path: tuple[str, ...], value) -> None:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(st.tuples(st.sampled_from(FIELDS), VALUES), min_size=1, max_size=3))
 def test_fuzzed_configs_are_accepted_or_refused_cleanly(mutations, digits):
-    doc = tiny_dict(train={"steps": 5, "eval_every": 5, "threads": 1})
+    doc = copy.deepcopy(tiny_dict(train={"steps": 5, "eval_every": 5, "threads": 1}))  # TINY is shared
     for path, value in mutations:
         _set(doc, path, value)
     try:

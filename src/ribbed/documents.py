@@ -46,6 +46,9 @@ def load_document(text: str, fmt: Literal["yaml", "toml"]) -> Any:
         DocumentError: the document does not parse, nests deeper than :data:`MAX_DEPTH`,
             expands to more than :data:`MAX_NODES` values, or repeats a YAML key.
     """
+    depth = _bracket_depth(text)
+    if depth > MAX_DEPTH:
+        raise DocumentError(f"config nested {depth} levels deep; allowed: at most {MAX_DEPTH}")
     try:
         if fmt == "toml":
             value = tomllib.loads(text)
@@ -59,6 +62,35 @@ def load_document(text: str, fmt: Literal["yaml", "toml"]) -> Any:
     if depth > MAX_DEPTH:
         raise DocumentError(f"config nested {depth} levels deep; allowed: at most {MAX_DEPTH}")
     return value
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings and comments, found in one pass
+    before parsing (the parsers would recurse that deep first; stops counting past the bound)."""
+    depth = deepest = 0
+    quote, index, length = "", 0, len(text)
+    while index < length:
+        char = text[index]
+        if quote:
+            if char == "\\" and quote == '"':
+                index += 1
+            elif char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or text[index - 1] in " \t\n"):
+            newline = text.find("\n", index)
+            index = length if newline < 0 else newline
+            continue
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                return deepest
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        index += 1
+    return deepest
 
 
 def _load_yaml(text: str) -> Any:
