@@ -270,10 +270,10 @@ def test_resume_through_the_command_then_refuses_the_finished_run(stopped, unint
     assert all(torch.equal(weights[name], uninterrupted[0][name]) for name in weights)
     before = (record.path / "summary.json").read_bytes()
 
-    again = _ribbed("resume", record.id, runs_dir=tmp_path / "runs")
+    again = runner.invoke(app, ["resume", record.id, "--runs-dir", str(tmp_path / "runs")])  # in-process: faster
 
-    assert again.returncode == 2
-    assert "already finished (completed after 40 steps)" in " ".join(again.stdout.split())
+    assert again.exit_code == 2
+    assert "already finished (completed after 40 steps)" in " ".join(again.output.split())
     assert (record.path / "summary.json").read_bytes() == before  # not retrained
 
 
