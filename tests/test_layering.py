@@ -20,6 +20,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 import ribbed
 
 PACKAGE = Path(ribbed.__file__).parent
@@ -107,3 +109,18 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     """The check above could pass by finding nothing: a planted cycle must be found."""
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [{"a", "b", "c"}]
+
+
+@pytest.mark.parametrize("command", [["--help"], ["presets"], ["list", "--runs-dir", "{tmp}"]], ids=" ".join)
+def test_commands_that_only_read_answer_without_importing_torch(command, tmp_path):
+    """``ribbed --help``, ``ribbed presets`` and ``ribbed list`` are what a newcomer types first;
+    importing torch and the registries' packages would make each take seconds."""
+    argv = ["ribbed", *(part.format(tmp=tmp_path) for part in command)]
+    code = ("import runpy, sys\n"
+            f"sys.argv = {argv!r}\n"
+            "try:\n    runpy.run_module('ribbed', run_name='__main__')\nexcept SystemExit as exit:\n"
+            "    assert not exit.code, exit.code\n"
+            "print('LOADED', sorted(m for m in ('torch', 'ribbed.train') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "LOADED []"

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,7 +26,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ribbed.config import ComparisonConfig, ConfigError, RunConfig, StudyConfig, load_config
+if TYPE_CHECKING:  # imported where used: ribbed.config loads pydantic and the registries
+    from ribbed.config import ComparisonConfig, RunConfig, StudyConfig
 
 app = typer.Typer(
     name="ribbed",
@@ -54,14 +55,24 @@ def _runs_dir(value: Path | None) -> Path:
 _debug = False  # set by --debug: errors also show the traceback of the exception behind them
 
 
+LIGHT_COMMANDS = {"presets", "datasets", "list", "show", "index"}
+"""Commands that read files only: they answer without importing the registries' packages
+(which load torch's distributed stack and take seconds); ``--help`` never loads them."""
+
+
 @app.callback()
 def _options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option(
         "--debug", help="On an error, also print the traceback behind its one-line message.")] = False,
 ) -> None:
     """RIBBED: neuron-coupled training, the backprop toolbox, and honest comparisons."""
     global _debug
     _debug = debug
+    if ctx.invoked_subcommand not in LIGHT_COMMANDS:
+        from ribbed.extensions import load_extensions
+
+        load_extensions()
 
 
 def _fail(message: str) -> None:
@@ -222,6 +233,7 @@ def _print_results(summary: dict) -> None:
 def _load(
     config: str | None, overrides: list[str]
 ) -> tuple[Path, RunConfig | ComparisonConfig | StudyConfig]:
+    from ribbed.config import load_config
     from ribbed.experiments.presets import resolve_source
 
     source = resolve_source(config)
@@ -246,6 +258,7 @@ def run(
     runs_dir: RunsDir = None,
 ) -> None:
     """Run a preset or config file: one run, a comparison of methods x datasets x seeds, or a study."""
+    from ribbed.config import ComparisonConfig, ConfigError, RunConfig, StudyConfig
     from ribbed.distributed.launch import worker_runs_dir
     from ribbed.experiments.harness import fast_dev_config, run_comparison, run_single
     from ribbed.experiments.studies import run_study
@@ -395,6 +408,7 @@ def resume(
 
     A finished run (completed or diverged) is refused, as is a run whose process still runs.
     """
+    from ribbed.config import ComparisonConfig, ConfigError, RunConfig, StudyConfig, load_config
     from ribbed.experiments.harness import run_comparison, summarize_records
     from ribbed.report import write_report
     from ribbed.runs import open_run
@@ -602,6 +616,7 @@ def evaluate(
     runs_dir: RunsDir = None,
 ) -> None:
     """Test a finished run's saved weights (model.safetensors) on its data or another, without retraining."""
+    from ribbed.config import ConfigError
     from ribbed.experiments.evaluate import evaluate_run
     from ribbed.runs import open_run
 
@@ -654,15 +669,12 @@ def main() -> None:
     and exits 130 (during training, the command says where the run stopped)."""
     import logging
 
-    from ribbed.extensions import load_extensions
-
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     store_log = logging.getLogger("ribbed.runs")
     store_log.addHandler(handler)
     store_log.propagate = False
     try:
-        load_extensions()
         app()
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)
