@@ -660,6 +660,7 @@ def test_a_finite_blow_up_is_divergence_and_fails_a_single_run(tmp_path):
 def test_sigterm_is_an_interrupt_not_a_kill(defer):
     from ribbed.train.interrupts import InterruptGuard
 
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or what an earlier in-process launcher left
     with InterruptGuard(defer=defer) as guard:
         if defer:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -669,7 +670,7 @@ def test_sigterm_is_an_interrupt_not_a_kill(defer):
             with pytest.raises(KeyboardInterrupt, match="SIGTERM received"):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(1)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before  # the guard restores the handler it replaced
 
 
 @pytest.mark.slow
