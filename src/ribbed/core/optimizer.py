@@ -99,7 +99,12 @@ from ribbed.core.signals import SIGNALS, StepSizeSignal
 from ribbed.core.unrolled import UnrolledTrainer, check_unrolled_options
 from ribbed.optim.batches import expect_batches, forget_batches
 from ribbed.optim.functional import closure_loss
-from ribbed.optim.state import attach_global, detach, hooked_load_state_dict, hooked_state_dict
+from ribbed.optim.state import (
+    attach_global,
+    detach_global,
+    hooked_load_state_dict,
+    hooked_state_dict,
+)
 from ribbed.optim.wrapper import step_inner
 
 __all__ = ["RIBBED"]
@@ -820,14 +825,7 @@ class RIBBED(torch.optim.Optimizer):
         hooked_load_state_dict(self, state_dict, self._load)
 
     def _load(self, state_dict: dict[str, Any]) -> None:
-        if "state" not in state_dict and "base" in state_dict:  # the layout before torch's
-            base_state, state = state_dict["base"], state_dict
-        else:
-            base_state, found = detach(state_dict, "ribbed")
-            if len(found) != 1:
-                raise KeyError(f"optimizer state dict: RIBBED's own state ('ribbed' in one entry of 'state') found "
-                               f"in {len(found)} entries; allowed: exactly one (a state dict saved by RIBBED)")
-            state = next(iter(found.values()))
+        base_state, state = detach_global(state_dict, "ribbed", "RIBBED")
         self.base.load_state_dict(base_state)
         self.param_groups, self.state = self.base.param_groups, self.base.state
         self._step_count = state["step"]

@@ -46,7 +46,12 @@ from torch import nn
 
 from ribbed.checks import check_number
 from ribbed.core.layers import NeuronLayer, find_neuron_layers
-from ribbed.optim.state import attach_global, detach, hooked_load_state_dict, hooked_state_dict
+from ribbed.optim.state import (
+    attach_global,
+    detach_global,
+    hooked_load_state_dict,
+    hooked_state_dict,
+)
 from ribbed.optim.wrapper import step_inner
 
 __all__ = ["PROJECTION_SCOPES", "NeuronNormProjection", "NormProjected", "check_projection_scope"]
@@ -162,12 +167,9 @@ class NormProjected(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         def load(saved: dict[str, Any]) -> None:
-            base_state, found = detach(saved, self.state_key)
-            if len(found) != 1:
-                raise KeyError(f"state dict: expected one {self.state_key!r} entry (the projection's targets), "
-                               f"found {len(found)}; it was not saved by NormProjected")
+            base_state, targets = detach_global(saved, self.state_key, "NormProjected")
             self.base.load_state_dict(base_state)
             self.param_groups, self.state = self.base.param_groups, self.base.state
-            self.projection.load_state_dict(next(iter(found.values())))
+            self.projection.load_state_dict(targets)
 
         hooked_load_state_dict(self, state_dict, load)

@@ -55,7 +55,12 @@ from torch import nn
 from ribbed.checks import check_integer, check_number
 from ribbed.core.layers import IndexedHook, NeuronLayer, find_neuron_layers
 from ribbed.optim.functional import closure_loss
-from ribbed.optim.state import attach_global, detach, hooked_load_state_dict, hooked_state_dict
+from ribbed.optim.state import (
+    attach_global,
+    detach_global,
+    hooked_load_state_dict,
+    hooked_state_dict,
+)
 from ribbed.optim.wrapper import step_inner
 
 __all__ = ["SECOND_MOMENTS", "UTILITIES", "NeuronResets", "Resetting", "check_reset_options"]
@@ -310,14 +315,7 @@ class Resetting(torch.optim.Optimizer):
         hooked_load_state_dict(self, state_dict, self._load)
 
     def _load(self, state_dict: dict[str, Any]) -> None:
-        if "state" not in state_dict and "base" in state_dict:  # the layout before torch's
-            base_state, state = state_dict["base"], state_dict
-        else:
-            base_state, found = detach(state_dict, "resets")
-            if len(found) != 1:
-                raise KeyError(f"optimizer state dict: the resets' state ('resets' in one entry of 'state') found "
-                               f"in {len(found)} entries; allowed: exactly one (a state dict saved by Resetting)")
-            state = next(iter(found.values()))
+        base_state, state = detach_global(state_dict, "resets", "Resetting")
         self.base.load_state_dict(base_state)
         self.param_groups, self.state = self.base.param_groups, self.base.state
         self.resets.optimizer = self.base

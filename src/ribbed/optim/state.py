@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["attach_entries", "attach_global", "detach", "hooked_load_state_dict", "hooked_state_dict"]
+__all__ = ["attach_entries", "attach_global", "detach", "detach_global", "hooked_load_state_dict", "hooked_state_dict"]
 
 StateDict = dict[str, Any]
 
@@ -97,3 +97,19 @@ def detach(state_dict: StateDict, key: str) -> tuple[StateDict, dict[Any, Any]]:
                 continue
         state[index] = entry
     return {**state_dict, "state": state}, found
+
+
+def detach_global(state_dict: StateDict, key: str, owner: str) -> tuple[StateDict, Any]:
+    """Split what :func:`attach_global` added: the base's state dict and the value under ``key``.
+
+    Also reads the layout our wrappers saved before torch's (``{"base": <base state dict>,
+    **own}``), returning that dict itself as the value; ``owner`` names the optimiser in the error
+    for a state dict that holds the key in no entry or in several (one it did not save).
+    """
+    if "state" not in state_dict and "base" in state_dict:
+        return state_dict["base"], state_dict
+    base_state, found = detach(state_dict, key)
+    if len(found) != 1:
+        raise KeyError(f"optimizer state dict: {owner}'s own state ({key!r} in one entry of 'state') found in "
+                       f"{len(found)} entries; allowed: exactly one (a state dict saved by {owner})")
+    return base_state, next(iter(found.values()))
