@@ -98,9 +98,6 @@ class NeuronNormProjection:
                    for w, target in zip(self.weights, self.targets, strict=True)]
         torch._foreach_mul_(self.weights, factors)
 
-    def telemetry(self) -> dict[str, float]:
-        return {"projection_layers": float(len(self.weights))}
-
     def state_dict(self) -> dict[str, Any]:
         return {"scope": self.scope, "targets": [t.clone() for t in self.targets]}
 
@@ -156,9 +153,6 @@ class NormProjected(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
-
-    def telemetry(self) -> dict[str, float]:
-        return self.projection.telemetry()
 
     def state_dict(self) -> dict[str, Any]:
         params = [p for group in self.param_groups for p in group["params"]]
