@@ -46,6 +46,7 @@ from torch import nn
 
 from ribbed.checks import check_number
 from ribbed.core.layers import NeuronLayer, find_neuron_layers
+from ribbed.optim.functional import closure_loss
 from ribbed.optim.state import (
     attach_global,
     detach_global,
@@ -143,10 +144,7 @@ class NormProjected(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         step_inner(self.base)  # torch's global step hooks fire once, for this optimiser
         self.projection.project()
         return loss
