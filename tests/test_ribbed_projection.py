@@ -139,6 +139,7 @@ def test_ribbed_with_projection_holds_hidden_norms_and_resumes_exactly():
     (lambda m: NormProjected(list(m.parameters()), 0.01), "model: got a list; allowed: an nn.Module"),
     (lambda m: NormProjected(m[4], 0.01), "scope 'hidden' selects no layer"),
     (lambda m: RIBBED(m, 0.01, norm_projection="rows"), "norm_projection: got 'rows'"),
+    (lambda m: RIBBED(m[4], 0.01, norm_projection="hidden"), "scope 'hidden' selects no layer"),
 ])
 def test_bad_input_is_refused_with_the_field_and_what_is_allowed(build, message):
     with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):

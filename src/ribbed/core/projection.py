@@ -81,6 +81,9 @@ class NeuronNormProjection:
         self.scope = scope
         self.names = [layer.name for layer in chosen]
         self.weights = [layer.weight for layer in chosen]
+        if not self.weights:  # a projection that projects nothing would switch itself off unseen
+            raise ValueError(f"norm_projection: scope {scope!r} selects no layer of this model (it has "
+                             f"{len(layers)} optimised Linear/Conv layers); allowed: scope 'all', or a deeper model")
         with torch.no_grad():
             # kept in at least float32 (a bfloat16 norm is only good to ~3 digits)
             self.targets = [_row_norms(w.detach().to(torch.promote_types(w.dtype, torch.float32)))
@@ -93,8 +96,6 @@ class NeuronNormProjection:
     @torch.no_grad()
     def project(self) -> None:
         """Rescale every projected neuron's incoming weights back to their target norm."""
-        if not self.weights:
-            return
         factors = [(target / _row_norms(w.to(target.dtype)).clamp_min(1e-12)).to(w.dtype)
                    for w, target in zip(self.weights, self.targets, strict=True)]
         torch._foreach_mul_(self.weights, factors)
@@ -138,9 +139,6 @@ class NormProjected(torch.optim.Optimizer):
         self.param_groups, self.state = self.base.param_groups, self.base.state
         optimised = {p for group in self.param_groups for p in group["params"]}
         self.projection = NeuronNormProjection(find_neuron_layers(model, optimised, hooks=False), scope=scope)
-        if not self.projection.weights:
-            raise ValueError(f"norm_projection: scope {scope!r} selects no layer of this model (it has "
-                             "fewer than two Linear/Conv layers); allowed: scope 'all', or a deeper model")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
