@@ -11,7 +11,8 @@ activation features) plus the chiral term, once refreshing features every step a
 activation hooks, the refresh itself by refreshing every 1000 steps) or changed (the first
 design's linear objective with its heads and coupling, the neuron resets on), so each piece's cost is a difference of
 ratios from one run; ``--profile`` prints a ``torch.profiler`` table of it (20 steps, so two
-feature refreshes) with the most expensive ops. Every optimiser trains its own copy of the
+feature refreshes) with the most expensive ops, after each chain transform's time per step
+(``NeuronChain.profiled``). Every optimiser trains its own copy of the
 model (RIBBED's hooks then fire only in its own steps), and the order of the blocks is
 reversed every other repeat.
 
@@ -100,6 +101,20 @@ def main() -> None:
             print(f"  {label:30s} {median * 1e3:8.3f} ms/step   ratio {median / base:5.2f}")
         if args.profile:
             net, optimizer = runs["ribbed (features every 10)"]
+            plain_net, adamw = runs["adamw"]
+            steps = 40  # four feature refreshes
+            started = time.perf_counter()
+            for _ in range(steps):
+                F.cross_entropy(plain_net(x), y).backward()
+                adamw.step()
+            step_ms = (time.perf_counter() - started) / steps * 1e3
+            with optimizer.profiled() as timings:
+                time_steps(net, optimizer, x, y, steps)
+            print(f"  per transform (features every 10, {steps} steps; AdamW's whole training step "
+                  f"{step_ms:.3f} ms here):")
+            for key, seconds in sorted(timings.items(), key=lambda item: -item[1]):
+                print(f"    {key:32s} {seconds / steps * 1e3:8.3f} ms/step  {seconds / steps * 1e3 / step_ms:6.1%} "
+                      "of AdamW's step")
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 time_steps(net, optimizer, x, y, 20)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))

@@ -4,7 +4,9 @@ run every few steps).
 
 One table drives the trajectory check (``tests/test_ribbed_trajectories.py``: every
 configuration's short run equals the one recorded before RIBBED became a chain of transforms)
-and RIBBED's rows of the optimiser battery (``tests/test_optim.py``). Adding a configuration is
+and RIBBED's rows of the optimiser battery (``tests/test_optim.py``: :data:`BATTERY` names the
+configurations that fit its problems, a single ``Linear`` least-squares fit and Rosenbrock's
+valley, so no hidden layer for resets or a hidden-layer projection). Adding a configuration is
 one line here.
 """
 
@@ -57,3 +59,11 @@ RIBBED_CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "unrolled": {"controller_training": "unrolled", "unroll_steps": 2},
 }
 """name -> RIBBED keyword options (besides ``lr``)."""
+
+BATTERY: dict[str, dict[str, Any]] = {
+    "metabp": {}, "sgd-momentum": {"rosenbrock_lr": 0.003, "rosenbrock_steps": 2000}, "knn-chiral": {},
+    "routing-topk": {}, "hierarchy": {}, "guided-es": {}, "selection": {}, "unrolled": {}, "ablation-one-step": {},
+    "ablation-no-activations": {},
+}
+"""The configurations that also run the optimiser battery (with weight decay off, so that the
+least-squares optimum is the target), with the battery settings they need (an SGD base's rate)."""

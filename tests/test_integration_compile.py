@@ -73,8 +73,8 @@ def test_the_compiled_step_equals_the_eager_step(case, backend):
         torch.testing.assert_close(b, a, rtol=0, atol=TOLERANCE, msg=name)
     if case.name == "ribbed":  # the controllers learned under compile exactly as in eager mode
         assert optimizer.telemetry()["ribbed_controller_loss"] != 0.0
-        assert not torch.equal(optimizer.multiplier, torch.ones_like(optimizer.multiplier))
-        torch.testing.assert_close(optimizer.multiplier, eager.multiplier, rtol=1e-4, atol=0)
+        assert not torch.equal(optimizer.controllers.multiplier, torch.ones_like(optimizer.controllers.multiplier))
+        torch.testing.assert_close(optimizer.controllers.multiplier, eager.controllers.multiplier, rtol=1e-4, atol=0)
 
 
 @compiled

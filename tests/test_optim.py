@@ -35,6 +35,8 @@ from ribbed.optim.functional import FlatParameters
 from ribbed.optim.library import muon_param_groups
 from ribbed.optim.natural_gradient import fisher_rows
 from ribbed.train import build_run, train
+from tests.ribbed_configurations import BATTERY as RIBBED_BATTERY
+from tests.ribbed_configurations import RIBBED_CONFIGURATIONS
 
 QUADRATIC_TOL = 1e-3
 """Largest absolute error of any weight or bias against the least-squares solution."""
@@ -53,9 +55,10 @@ class Entry:
     quadratic_steps: int = 500
     rosenbrock_steps: int = 1000
     constant_rate: bool = False  # for methods that set their own step size (Adagrad, line searches)
+    label: str = ""  # a configuration of a registry name (``ribbed[metabp]``); default: the name
 
     def __str__(self) -> str:
-        return self.name
+        return self.label or self.name
 
 
 NO_DECAY = {"weight_decay": 0.0}
@@ -87,6 +90,10 @@ TABLE = [
     Entry("adamw-l2", 0.3, 0.3, {"base_options": NO_DECAY, "l2": 1e-6}),
     Entry("schedulefree-adamw", 0.3, 0.1, rosenbrock_steps=2000),
     Entry("norm-projected", 0.3, 0.3, {"base_options": NO_DECAY, "scope": "all"}),
+    *(Entry("ribbed", **{"quadratic_lr": 0.1, "rosenbrock_lr": 0.1, **settings}, label=f"ribbed[{name}]",
+            options={**RIBBED_CONFIGURATIONS[name],
+                     "base_options": {**RIBBED_CONFIGURATIONS[name].get("base_options", {}), **NO_DECAY}})
+      for name, settings in RIBBED_BATTERY.items()),
 ]
 
 
@@ -99,6 +106,9 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
                                  "needs the step's batch (a clear error)",
     ("dcp", "hessian_free"): "DCP steps a fresh optimiser once on zero gradients to create its state; this one "
                              "needs the step's batch (a clear error)",
+    **{("dcp", f"ribbed[{name}]"): "DCP steps a fresh optimiser once on zero gradients to create its state; guided ES "
+                                    "and selection evaluate the step's loss, so they need its batch (a clear error)"
+       for name in ("guided-es", "selection")},
     ("dcp", "shrink-perturb"): "DCP's creating step runs at lr 0, but the shrink and the noise act at any rate and "
                                "move the freshly loaded weights (set the optimiser state before loading the model)",
     ("quadratic", "norm-projected"): "each neuron's weight norm is held at its initial value; the optimum has another",
@@ -108,8 +118,8 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 
 def table_for(check: str) -> list:
     """:data:`TABLE` with the entries known to fail ``check`` marked strict xfail (a fix makes them fail)."""
-    return [pytest.param(entry, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[check, entry.name]))
-            if (check, entry.name) in KNOWN_FAILURES else entry for entry in TABLE]
+    return [pytest.param(entry, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[check, str(entry)]))
+            if (check, str(entry)) in KNOWN_FAILURES else entry for entry in TABLE]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -197,7 +207,7 @@ def decayed(optimizer, steps: int, constant: bool):
 
 def test_the_table_covers_every_registered_optimiser():
     load_extensions()
-    assert sorted(entry.name for entry in TABLE) == OPTIMIZERS.names()
+    assert sorted(entry.name for entry in TABLE if not entry.label) == OPTIMIZERS.names()
 
 
 @pytest.mark.parametrize("entry", table_for("quadratic"), ids=str)

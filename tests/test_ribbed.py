@@ -105,7 +105,7 @@ def test_hypergradient_matches_finite_differences():
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     layer = optimizer.layers[1]
-    prev_w, prev_b = optimizer.prev[2], optimizer.prev[3]
+    prev_w, prev_b = optimizer.controllers.prev[2], optimizer.controllers.prev[3]
     d_w, d_b = layer.weight.detach() - prev_w, layer.bias.detach() - prev_b
     signal = row_dot((layer.weight.grad, layer.bias.grad), (d_w, d_b))
     eps = 1e-6
@@ -174,7 +174,7 @@ def test_residual_controllers_move_step_from_oscillating_to_slow_neurons(signal)
         (0.5 * (curvature * (layer.weight - target).pow(2)).sum()).backward()
         optimizer.step()
         optimizer.zero_grad()
-    multiplier = optimizer.multiplier
+    multiplier = optimizer.controllers.multiplier
     slow, fast = multiplier[:16], multiplier[16:]
     assert slow.mean() > 1.1 and fast.mean() < 0.9, multiplier
     assert (slow > 1).sum() >= 14 and (fast < 1).sum() >= 14, multiplier
@@ -191,7 +191,7 @@ def test_frozen_residual_controllers_are_the_base_bit_for_bit():
     train_steps(ours, optimizer, batches)
     train_steps(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.01), batches)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
-    assert torch.equal(optimizer.multiplier, torch.ones_like(optimizer.multiplier))
+    assert torch.equal(optimizer.controllers.multiplier, torch.ones_like(optimizer.controllers.multiplier))
     assert optimizer.telemetry()["ribbed_controller_loss"] == 0.0
 
 
@@ -202,8 +202,8 @@ def test_features_cover_every_neuron_and_name():
     loss.backward()
     optimizer.step()
     assert optimizer.n_neurons == 4 + 5
-    assert optimizer._pending[0].shape == (9, len(FEATURE_NAMES))
-    assert torch.isfinite(optimizer._pending[0]).all()
+    assert optimizer.controllers._pending[0].shape == (9, len(FEATURE_NAMES))
+    assert torch.isfinite(optimizer.controllers._pending[0]).all()
 
 
 def test_entropy_of_uniform_and_constant_activations():
@@ -317,7 +317,7 @@ def test_a_single_neuron_with_more_controllers_than_neurons():
         nn.functional.mse_loss(neuron(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert optimizer.routing.assignment.shape == (1,)
+    assert optimizer.controllers.routing.assignment.shape == (1,)
 
 
 def test_routing_recovers_well_separated_groups():

@@ -68,7 +68,7 @@ def test_depth_one_is_flat_routing_exactly():
         model = mlp()
         optimizer = RIBBED(model, lr=1e-2, feature_every=2, routing_every=5, **options)
         train_steps(model, optimizer, batches)
-        assert optimizer.hierarchy is None and optimizer.topology_log() == []
+        assert optimizer.controllers.hierarchy is None and optimizer.topology_log() == []
         assert "hierarchy" not in optimizer.state_dict()
         runs.append(list(model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
@@ -256,11 +256,11 @@ def test_depth_three_trains_a_tiny_mlp_within_the_multiplier_bound():
     x, y = random_batches(1)[0]
     model = mlp()
     optimizer = RIBBED(model, lr=1e-2, **GROUPING)
-    initial = [p.detach().clone() for p in optimizer.hierarchy.parameters()]
+    initial = [p.detach().clone() for p in optimizer.controllers.hierarchy.parameters()]
     losses = train_steps(model, optimizer, [(x, y)] * 120)
     assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
-    assert any(not torch.equal(a, b) for a, b in zip(initial, optimizer.hierarchy.parameters(), strict=True))
-    factor = optimizer.hierarchy.modulation()
+    assert any(not torch.equal(a, b) for a, b in zip(initial, optimizer.controllers.hierarchy.parameters(), strict=True))
+    factor = optimizer.controllers.hierarchy.modulation()
     assert not torch.equal(factor, torch.ones_like(factor))
     bound = 4.0 * 2.0 ** 2  # max_multiplier * hierarchy_bound ** (depth - 1)
     multiplier = optimizer.neuron_state()["multiplier"]

@@ -76,8 +76,8 @@ def test_direct_adamw_path_equals_copy_and_lerp_step_by_step():
         _train_step(generic_model, generic, generic_schedule, batch)
         for a, b in zip(direct_model.parameters(), generic_model.parameters(), strict=True):
             torch.testing.assert_close(a, b, **TIGHT)
-    torch.testing.assert_close(direct.multiplier, generic.multiplier, rtol=1e-6, atol=0)
-    assert float(direct.multiplier.std()) > 1e-3  # the controllers gave the neurons different steps
+    torch.testing.assert_close(direct.controllers.multiplier, generic.controllers.multiplier, rtol=1e-6, atol=0)
+    assert float(direct.controllers.multiplier.std()) > 1e-3  # the controllers gave the neurons different steps
     assert direct.param_groups[0]["lr"] == pytest.approx(2e-2 * 0.5 ** 3)
     for p, q in zip(direct_model.parameters(), generic_model.parameters(), strict=True):
         state, other = direct.base.state[p], generic.base.state[q]  # AdamW's own state and format
@@ -208,9 +208,9 @@ def test_row_features_match_the_concatenated_neuron_vectors():
         optimizer.step()
         optimizer.zero_grad()
     model(torch.randn(9, 2, 8, generator=generator, dtype=torch.float64)).pow(2).mean().backward()
-    prev = dict(zip(optimizer.neuron_params, optimizer.prev, strict=True))
-    momentum = optimizer._momentum()
-    features, _ = neuron_features(optimizer.layers, prev, momentum, optimizer.surprise)
+    prev = dict(zip(optimizer.neuron_params, optimizer.controllers.prev, strict=True))
+    momentum = optimizer.controllers._momentum()
+    features, _ = neuron_features(optimizer.layers, prev, momentum, optimizer.controllers.surprise)
 
     def neuron_rows(layer, tensors):
         weight, bias = (tensors(p) for p in layer.params)

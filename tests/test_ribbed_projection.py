@@ -136,7 +136,7 @@ def test_ribbed_with_projection_holds_hidden_norms_and_resumes_exactly():
 
 @pytest.mark.parametrize("build, message", [
     (lambda m: NormProjected(m, 0.01, scope="rows"), "norm_projection: got 'rows'; allowed: 'hidden', 'all'"),
-    (lambda m: NormProjected(list(m.parameters()), 0.01), "model: got a list; allowed: an nn.Module"),
+    (lambda m: NormProjected(list(m.parameters()), 0.01), "model: got list; allowed: the torch.nn.Module"),
     (lambda m: NormProjected(m[4], 0.01), "scope 'hidden' selects no layer"),
     (lambda m: RIBBED(m, 0.01, norm_projection="rows"), "norm_projection: got 'rows'"),
     (lambda m: RIBBED(m[4], 0.01, norm_projection="hidden"), "scope 'hidden' selects no layer"),

@@ -98,14 +98,14 @@ def test_one_sgd_step_gives_the_online_hypergradient_signal():
         _backward(model, batch)
         optimizer.step()
         optimizer.zero_grad()
-    assert not torch.allclose(optimizer.multiplier, torch.ones_like(optimizer.multiplier))
+    assert not torch.allclose(optimizer.controllers.multiplier, torch.ones_like(optimizer.controllers.multiplier))
     batch = batches[6]
-    meta, _ = _meta(optimizer.base, model, [batch], optimizer.multiplier.double().log(), steps=1)
+    meta, _ = _meta(optimizer.base, model, [batch], optimizer.controllers.multiplier.double().log(), steps=1)
     _backward(model, batch)
     optimizer.step()  # step 6: no refresh, the same multipliers
     optimizer.zero_grad()
     _backward(model, batch)
-    prev = dict(zip(optimizer.neuron_params, optimizer.prev, strict=True))
+    prev = dict(zip(optimizer.neuron_params, optimizer.controllers.prev, strict=True))
     raw, cosine = neuron_features(optimizer.layers, prev, {}, torch.zeros(optimizer.n_neurons))
     dots, norms = [], []
     for layer in optimizer.layers:
@@ -170,7 +170,7 @@ def test_a_short_unrolled_run_trains():
         optimizer.zero_grad()
         losses.append(float(loss))
     assert losses[-1] < 0.6 * losses[0], losses[::10]
-    assert float(optimizer.bank.w2.abs().max()) > 0  # the controllers were trained (they start at zero)
+    assert float(optimizer.controllers.bank.w2.abs().max()) > 0  # the controllers were trained (they start at zero)
 
 
 def test_unrolled_needs_a_recorded_batch():

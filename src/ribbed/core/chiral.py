@@ -90,6 +90,13 @@ def check_signs(signs: torch.Tensor, n_layers: int | None = None) -> torch.Tenso
     return signs.to("cpu", torch.int8)
 
 
+def check_chiral_options(graph: str, neighbours: int) -> None:
+    """Errors name the field, the value and what is allowed."""
+    if graph not in CHIRAL_GRAPHS:
+        raise ValueError(f"chiral_graph: got {graph!r}; allowed: {', '.join(CHIRAL_GRAPHS)}")
+    check_integer("chiral_neighbours", neighbours)
+
+
 class ChiralTerm:
     """Adds ``s_l gamma J G`` to every neuron layer's gradient (see the module docstring).
 
@@ -102,9 +109,7 @@ class ChiralTerm:
 
     def __init__(self, gamma: float, graph: str = "ring", neighbours: int = 4,
                  signs: torch.Tensor | None = None):
-        if graph not in CHIRAL_GRAPHS:
-            raise ValueError(f"chiral_graph: got {graph!r}; allowed: {', '.join(CHIRAL_GRAPHS)}")
-        check_integer("chiral_neighbours", neighbours)
+        check_chiral_options(graph, neighbours)
         self.gamma, self.graph, self.k = gamma, graph, neighbours
         self.structure: list[torch.Tensor] = []
         self.signs: torch.Tensor | None = None if signs is None else check_signs(signs)

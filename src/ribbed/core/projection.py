@@ -38,22 +38,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from ribbed.checks import check_number
-from ribbed.core.layers import NeuronLayer, find_neuron_layers
-from ribbed.optim.functional import closure_loss
-from ribbed.optim.state import (
-    attach_global,
-    detach_global,
-    hooked_load_state_dict,
-    hooked_state_dict,
-)
-from ribbed.optim.wrapper import step_inner
+from ribbed.core.chain import NeuronChain
+from ribbed.core.layers import NeuronLayer
 
 __all__ = ["PROJECTION_SCOPES", "NeuronNormProjection", "NormProjected", "check_projection_scope"]
 
@@ -115,51 +107,27 @@ class NeuronNormProjection:
             mine.copy_(saved)
 
 
-class NormProjected(torch.optim.Optimizer):
+class NormProjected(NeuronChain):
     """A base optimiser followed by the neuron norm projection (registry ``norm-projected``).
 
     The baseline that tells whether RIBBED's controllers add anything to the projection alone.
-    The base is built by registry name (AdamW by default) and shares its ``param_groups`` and
-    ``state``, so LR schedulers work unchanged; the state dict is the base's, in torch's layout,
-    with the projection's targets in the first trainable parameter's entry.
+    A chain of one transform (``ribbed.core.chain``): the base is built by registry name (AdamW
+    by default) and shares its ``param_groups`` and ``state``, so LR schedulers work unchanged;
+    the state dict is the base's, in torch's layout, with the projection's targets in the first
+    trainable parameter's entry.
     """
 
     state_key = "norm_projection"
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, base: Any = "adamw",
                  base_options: dict[str, Any] | None = None, scope: str = "hidden"):
-        from ribbed.core.optimizer import _build_base
+        from ribbed.core.transforms import norm_projection
 
         check_number("lr", lr, "a number > 0", lambda v: v > 0)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: got a {type(model).__name__}; allowed: an nn.Module (the projection needs "
-                            "the layers, not a parameter list)")
-        self.base = _build_base(base, model, None, lr, dict(base_options or {}))
-        super().__init__(self.base.param_groups, self.base.defaults)
-        self.param_groups, self.state = self.base.param_groups, self.base.state
-        optimised = {p for group in self.param_groups for p in group["params"]}
-        self.projection = NeuronNormProjection(find_neuron_layers(model, optimised, hooks=False), scope=scope)
+        super().__init__(model, lr, transforms=[norm_projection(scope)], base=base, base_options=base_options)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = closure_loss(closure)
-        step_inner(self.base)  # torch's global step hooks fire once, for this optimiser
-        self.projection.project()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        params = [p for group in self.param_groups for p in group["params"]]
-        return hooked_state_dict(self, lambda: attach_global(self.base.state_dict(), self.state_key,
-                                                             self.projection.state_dict(), params))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        def load(saved: dict[str, Any]) -> None:
-            base_state, targets = detach_global(saved, self.state_key, "NormProjected")
-            self.base.load_state_dict(base_state)
-            self.param_groups, self.state = self.base.param_groups, self.base.state
-            self.projection.load_state_dict(targets)
-
-        hooked_load_state_dict(self, state_dict, load)
+    def upgrade_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoints from before the chain kept only the projection's own state."""
+        if "transforms" in state:
+            return state
+        return {"step": 0, "generator": self.generator.get_state(), "transforms": {"projection": state}}

@@ -46,22 +46,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from ribbed.checks import check_integer, check_number
-from ribbed.core.layers import IndexedHook, NeuronLayer, find_neuron_layers
-from ribbed.optim.functional import closure_loss
-from ribbed.optim.state import (
-    attach_global,
-    detach_global,
-    hooked_load_state_dict,
-    hooked_state_dict,
-)
-from ribbed.optim.wrapper import step_inner
+from ribbed.core.chain import NeuronChain
+from ribbed.core.layers import IndexedHook, NeuronLayer
 
 __all__ = ["SECOND_MOMENTS", "UTILITIES", "NeuronResets", "Resetting", "check_reset_options"]
 
@@ -265,60 +257,32 @@ class NeuronResets:
         self.budget, self.total = list(state["budget"]), state["total"]
 
 
-class Resetting(torch.optim.Optimizer):
+class Resetting(NeuronChain):
     """A base optimiser followed by neuron resets: continual backprop and ReDo over any base.
 
     ``Resetting(model, lr, base="adamw", reset_rate=1e-4)`` is continual backprop;
     ``Resetting(model, lr, reset_rate=0, reset_threshold=0.1, reset_every=1000,
-    utility="activity")`` is ReDo. The base optimiser is built by registry name (or class) and
-    shares its ``param_groups`` and ``state``, so LR schedulers and checkpoints work unchanged.
+    utility="activity")`` is ReDo. A chain of one transform (``ribbed.core.chain``): the base
+    optimiser is built by registry name (or class) and shares its ``param_groups`` and ``state``,
+    so LR schedulers and checkpoints work unchanged; the resets' state is in the first trainable
+    parameter's entry under ``"resets"``.
     """
+
+    state_key = "resets"
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, base: Any = "adamw",
                  base_options: dict[str, Any] | None = None, reset_rate: float = 1e-4,
                  reset_threshold: float | None = None, reset_maturity: int = 100, reset_every: int = 1,
                  utility_decay: float = 0.99, utility: str = "contribution", seed: int = 0):
-        from ribbed.core.optimizer import _build_base
+        from ribbed.core.transforms import neuron_resets
 
         check_number("lr", lr, "a number > 0", lambda v: v > 0)
-        self.base = _build_base(base, model, None, lr, dict(base_options or {}))
-        super().__init__(self.base.param_groups, self.base.defaults)
-        self.param_groups, self.state = self.base.param_groups, self.base.state
-        optimised = {p for group in self.param_groups for p in group["params"]}
-        self.layers = find_neuron_layers(model, optimised, hooks=False)
-        self.resets = NeuronResets(self.layers, self.base, reset_rate=reset_rate, reset_threshold=reset_threshold,
-                                   reset_maturity=reset_maturity, reset_every=reset_every,
-                                   utility_decay=utility_decay, utility=utility)
-        self.generator = torch.Generator().manual_seed(seed)
-        self._step_count = 0
+        resets = neuron_resets(reset_rate=reset_rate, reset_threshold=reset_threshold, reset_maturity=reset_maturity,
+                               reset_every=reset_every, utility_decay=utility_decay, reset_utility=utility)
+        super().__init__(model, lr, transforms=[resets], base=base, base_options=base_options, seed=seed)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = closure_loss(closure)
-        step_inner(self.base)
-        self._step_count += 1
-        self.resets.step(self._step_count, self.generator)
-        return loss
-
-    def telemetry(self) -> dict[str, float]:
-        return self.resets.telemetry()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The base's state dict in torch's layout with the resets' state in the first trainable
-        parameter's entry under ``"resets"`` (``ribbed.optim.state``); hooks honoured."""
-        own = {"resets": self.resets.state_dict(), "step": self._step_count, "generator": self.generator.get_state()}
-        params = [p for group in self.param_groups for p in group["params"]]
-        return hooked_state_dict(self, lambda: attach_global(self.base.state_dict(), "resets", own, params))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load :meth:`state_dict` (also renamed by DCP, or in the ``{"base", ...}`` layout of earlier versions)."""
-        hooked_load_state_dict(self, state_dict, self._load)
-
-    def _load(self, state_dict: dict[str, Any]) -> None:
-        base_state, state = detach_global(state_dict, "resets", "Resetting")
-        self.base.load_state_dict(base_state)
-        self.param_groups, self.state = self.base.param_groups, self.base.state
-        self.resets.optimizer = self.base
-        self.resets.load_state_dict(state["resets"])
-        self._step_count = state["step"]
-        self.generator.set_state(state["generator"])
+    def upgrade_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoints from before the chain: ``{"resets", "step", "generator"}``."""
+        if "transforms" in state:
+            return state
+        return {"step": state["step"], "generator": state["generator"], "transforms": {"resets": state["resets"]}}
