@@ -5,18 +5,26 @@
 options: {base: adamw, chiral_gamma: 0.01}}``). ``AdamHD`` (``"adam-hd"``), AdamW with one
 hypergradient-adapted learning rate per neuron, is its cheapest credible baseline.
 
+RIBBED is a chain of neuron transforms: :class:`NeuronChain` runs the transforms whose
+constructors are in ``ribbed.core.transforms`` (controllers, information density, guided ES,
+the chiral term, resets, the norm projection) around a base optimiser's step; ``RIBBED`` builds
+the chain from flat keyword options, :func:`meta_bp` and :func:`continual` the published
+configurations.
+
 ``import ribbed.core`` needs torch, numpy and ``ribbed.optim`` only; the training plug-ins built
 on these pieces (``information-density``, ``ribbed-structure``) are in ``ribbed.plugins``.
 """
 
+from ribbed.core.chain import NeuronChain, NeuronTransform, TransformSpec
 from ribbed.core.density import InformationDensity
 from ribbed.core.hypergradient import AdamHD
-from ribbed.core.optimizer import RIBBED
+from ribbed.core.optimizer import RIBBED, continual, meta_bp
 from ribbed.core.projection import NormProjected
 from ribbed.core.resets import Resetting
 from ribbed.optim import register_optimizer
 
-__all__ = ["RIBBED", "AdamHD", "InformationDensity", "NormProjected", "Resetting"]
+__all__ = ["RIBBED", "AdamHD", "InformationDensity", "NeuronChain", "NeuronTransform", "NormProjected", "Resetting",
+           "TransformSpec", "continual", "meta_bp"]
 
 
 @register_optimizer("ribbed", "RIBBED / Meta-BP: per-neuron controllers over a base optimiser (AdamW)",
