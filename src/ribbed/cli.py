@@ -198,15 +198,16 @@ def _results_table(summary: dict) -> Table:
     target, which depend on what else ran on the machine at the time)."""
     from ribbed.experiments.stats import group_runs, step_time_ms
 
-    metric = summary.get("primary_metric", {}).get("name", "metric")
-    table = Table(title=f"{summary.get('name')}: {metric} (mean ± 95% CI)")
+    metrics = {row.get("metric") for row in summary.get("aggregates", [])}
+    metric = summary.get("primary_metric", {}).get("name", "metric") if len(metrics) <= 1 else None
+    table = Table(title=f"{summary.get('name')}: {metric or 'primary metric'} (mean ± 95% CI)")
     grouped = group_runs(summary.get("runs", []), summary.get("baseline"))
-    for column in ("method", "dataset", metric, "reached target", "steps to target",
+    for column in ("method", "dataset", metric or "metric", "reached target", "steps to target",
                    "ms/step", "p vs baseline", "verdict"):
         table.add_column(column)
     for row in summary.get("aggregates", []):
         table.add_row(
-            str(row["method"]), str(row["dataset"]), _format_ci(row),
+            str(row["method"]), str(row["dataset"]), ("" if metric else f"{row['metric']} ") + _format_ci(row),
             str(row.get("reached_target", "-")), _fmt(row.get("steps_to_target_mean"), ".0f"),
             _fmt(step_time_ms(grouped.get(row["dataset"], {}).get(row["method"], [])), ".3g"),
             _fmt(row.get("p_value"), ".3g"),
@@ -296,7 +297,7 @@ def run(
             if isinstance(cfg, StudyConfig):
                 outcome = run_study(cfg, runs_dir=root, progress=RichProgress(bars, 1))
             elif isinstance(cfg, ComparisonConfig):
-                total = len(cfg.methods) * len(cfg.dataset_entries) * len(cfg.seed_list)
+                total = cfg.member_count
                 outcome = run_comparison(cfg, runs_dir=root, tune=tune, progress=RichProgress(bars, total))
             else:
                 if tune:
@@ -431,7 +432,7 @@ def resume(
         cfg = load_config(record.read_config())
         if isinstance(cfg, ComparisonConfig):
             with _progress_bars() as bars:
-                total = len(cfg.methods) * len(cfg.dataset_entries) * len(cfg.seed_list)
+                total = cfg.member_count
                 outcome = run_comparison(cfg, runs_dir=record.runs_dir, progress=RichProgress(bars, total),
                                          record=record)
             _print_results(outcome.summary)

@@ -261,11 +261,35 @@ class TuningConfig(_Strict):
     always: bool = False
 
 
+Metric = Literal["test_acc", "test_loss", "val_acc", "val_loss"]
+
+
 class DatasetEntry(_Strict):
-    """One dataset (with the model trained on it) of a comparison."""
+    """One dataset (with the model trained on it) of a comparison, and what differs there.
+
+    A classifier and a language model in one comparison need different targets, lengths and
+    metrics, and a method may not fit every model. Each of these is optional; left out, the
+    comparison's own applies:
+
+    * ``methods``: the methods run on this dataset (a subset of the comparison's, with the
+      baseline among them);
+    * ``metric`` / ``mode``: the primary metric this dataset's runs are compared on;
+    * ``train``: settings merged over ``base.train`` (e.g. ``{steps: 400, target: {metric:
+      val_loss, value: 2.5, mode: min}}``); a method's own ``overrides`` still apply on top;
+    * ``tuning``: settings merged over the comparison's ``tuning`` (e.g. ``{metric: val_loss,
+      mode: min, steps: 200}``); every method on this dataset gets the same budget;
+    * ``params``: each method's tuned values on this dataset (``lr`` and its search keys),
+      used in place of its ``optimizer`` values when the comparison runs without tuning.
+    """
 
     data: DataConfig
     model: ModelConfig
+    methods: list[str] | None = Field(None, min_length=1)
+    metric: Metric | None = None
+    mode: Literal["max", "min"] | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
+    tuning: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -286,7 +310,7 @@ class ComparisonConfig(_Strict):
     baseline: str
     seeds: PositiveInt | list[int] = 3
     # what a finished run's summary holds ("final"); checked here, before anything trains
-    metric: Literal["test_acc", "test_loss", "val_acc", "val_loss"] = "test_acc"
+    metric: Metric = "test_acc"
     mode: Literal["max", "min"] = "max"
     base: RunConfig = Field(default_factory=RunConfig)
     methods: dict[str, MethodConfig] = Field(min_length=1)
@@ -306,7 +330,62 @@ class ComparisonConfig(_Strict):
         if shared:
             raise ValueError(f"datasets: entries share the label(s) {shared} (data.name/model.name); "
                              "allowed: distinct labels")
+        for index, entry in enumerate(self.datasets or []):
+            self._check_entry(f"datasets[{index}]", entry)
         return self
+
+    def _check_entry(self, where: str, entry: DatasetEntry) -> None:
+        """A dataset's own methods, train and tuning settings, checked as the runs will use them."""
+        if entry.methods is not None:
+            unknown = [name for name in entry.methods if name not in self.methods]
+            if unknown:
+                raise ValueError(f"field `{where}.methods`: got {unknown}, not methods of this comparison; "
+                                 f"allowed: {sorted(self.methods)}")
+            repeated = sorted({name for name in entry.methods if entry.methods.count(name) > 1})
+            if repeated:
+                raise ValueError(f"field `{where}.methods`: got {repeated} more than once; allowed: each method once")
+            if self.baseline not in entry.methods:
+                raise ValueError(f"field `{where}.methods`: got {entry.methods}, without the baseline "
+                                 f"{self.baseline!r}; allowed: a subset of {sorted(self.methods)} that "
+                                 f"includes {self.baseline!r} (every method is compared with it)")
+        for name, values in entry.params.items():
+            if name not in self.entry_methods(entry):
+                raise ValueError(f"field `{where}.params`: got {name!r}, not a method run on this dataset; "
+                                 f"allowed: {self.entry_methods(entry)}")
+            keys = ["lr", *(key for key in self.methods[name].search if key != "lr")]
+            unknown = [key for key in values if key not in keys]
+            if unknown:
+                raise ValueError(f"field `{where}.params.{name}`: got {unknown}, not searched for {name!r}; "
+                                 f"allowed: {keys}")
+        for field, model, merged in (
+            ("train", TrainConfig, deep_merge(self.base.train.model_dump(mode="json"), entry.train)),
+            ("tuning", TuningConfig, deep_merge(self.tuning.model_dump(mode="json"), entry.tuning)),
+        ):
+            try:
+                model.model_validate(merged)
+            except ValidationError as exc:
+                problems = "; ".join(_problem(error, model, f"{where}.{field}")
+                                     for error in exc.errors(include_url=False))
+                raise ValueError(problems) from None
+
+    def entry_methods(self, entry: DatasetEntry) -> list[str]:
+        """The methods run on ``entry``, in the comparison's order."""
+        return [name for name in self.methods if entry.methods is None or name in entry.methods]
+
+    def entry_metric(self, entry: DatasetEntry) -> tuple[str, str]:
+        """The primary metric and its mode on ``entry``."""
+        return entry.metric or self.metric, entry.mode or self.mode
+
+    def entry_tuning(self, entry: DatasetEntry) -> TuningConfig:
+        """The tuning budget on ``entry``: the comparison's with the dataset's settings merged in."""
+        if not entry.tuning:
+            return self.tuning
+        return TuningConfig.model_validate(deep_merge(self.tuning.model_dump(mode="json"), entry.tuning))
+
+    @property
+    def member_count(self) -> int:
+        """How many runs the comparison trains (every dataset's methods x seeds)."""
+        return sum(len(self.entry_methods(entry)) for entry in self.dataset_entries) * len(self.seed_list)
 
     @property
     def seed_list(self) -> list[int]:
@@ -385,7 +464,10 @@ def _parse_scalar(text: str) -> Any:
 
 
 def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of ``doc`` with each ``a.b.c=value`` override set (creating mappings)."""
+    """Return a copy of ``doc`` with each ``a.b.c=value`` override set (creating mappings).
+
+    A number steps into an existing list: ``datasets.1.train.steps=50``.
+    """
     import copy
 
     result = copy.deepcopy(doc)
@@ -394,20 +476,35 @@ def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key.path=value")
         parts = key.strip().split(".")
-        node = result
+        node: Any = result
         for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                child = node[_list_index(item, ".".join(parts[:depth]), node, part)]
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(
                     f"override {item!r}: {where} is {_show(child)}, not a mapping, "
                     "so it has no sub-keys"
                 )
             node = child
-        node[parts[-1]] = _parse_scalar(raw)
+        if isinstance(node, list):
+            node[_list_index(item, ".".join(parts[:-1]), node, parts[-1])] = _parse_scalar(raw)
+        else:
+            node[parts[-1]] = _parse_scalar(raw)
     return result
+
+
+def _list_index(item: str, where: str, items: list, part: str) -> int:
+    """``part`` as an index into the list at ``where``, or a ConfigError naming what is allowed."""
+    if not (part.isdigit() and int(part) < len(items)):
+        raise ConfigError(f"override {item!r}: {where} is a list of {len(items)}, so {part!r} is no key of it; "
+                          f"allowed: an index 0-{len(items) - 1}" if items else
+                          f"override {item!r}: {where} is an empty list, so it has no sub-keys")
+    return int(part)
 
 
 def config_from_dict(doc: Mapping[str, Any]) -> AnyConfig:
@@ -452,7 +549,9 @@ def route_overrides(doc: Mapping[str, Any], overrides: Iterable[str]) -> list[st
     the comparison has no ``datasets`` list). Keys that the comparison would silently ignore
     there are errors that say where to set them instead: ``optimizer`` (every method has its
     own), ``seed`` (``seeds``), and ``data``/``model`` of a comparison with ``datasets``.
-    Overrides of runs and studies, and of the comparison's own fields, pass unchanged.
+    A ``train`` setting that a dataset sets itself (``datasets[i].train``) is overridden there
+    too, so ``train.steps=50`` shortens every run. Overrides of runs and studies, and of the
+    comparison's own fields, pass unchanged.
     """
     overrides = list(overrides)
     if doc.get("kind", "comparison" if "methods" in doc else "run") != "comparison":
@@ -480,6 +579,11 @@ def route_overrides(doc: Mapping[str, Any], overrides: Iterable[str]) -> list[st
                 f"model, so base.{path} would be ignored; did you mean "
                 f"methods.{method}.overrides.{path} (per method)?")
         routed.append(f"base.{item.lstrip()}")
+        setting = path.split(".")[1] if head == "train" and "." in path else None
+        entries = doc.get("datasets") if isinstance(doc.get("datasets"), list) else []
+        routed += [f"datasets.{index}.{item.lstrip()}" for index, entry in enumerate(entries)
+                   if isinstance(entry, Mapping) and isinstance(entry.get("train"), Mapping)
+                   and setting in entry["train"]]
     return routed
 
 
@@ -565,6 +669,16 @@ def _unwrap_model(annotation: Any) -> Any:
     return None
 
 
+def _problem(error: Mapping[str, Any], model: type[BaseModel], prefix: str) -> str:
+    """One validation error of ``model`` as ``field `prefix.a.b`: got ...; rule``."""
+    loc = tuple(error["loc"])
+    path = ".".join(str(p) for p in (prefix, *loc))
+    if error["type"] == "extra_forbidden":
+        allowed = _field_names(model, loc[:-1])
+        return f"field `{path}`: unknown key" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
+    return f"field `{path}`: got {_show(error.get('input'))}; {error['msg']}"
+
+
 def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
     lines = [f"invalid {model.__name__} ({exc.error_count()} problem(s)):"]
     for err in exc.errors(include_url=False):
@@ -576,6 +690,9 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
             if model is ComparisonConfig and len(loc) == 1 and loc[0] in RunConfig.model_fields:
                 hint += f" (a comparison's run settings live under base: did you mean base.{path}?)"
             lines.append(f"  field `{path}`: unknown key{hint}")
+            continue
+        if err["type"] == "value_error" and not loc:  # a check across fields: its message names them
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
             continue
         value = err.get("input")
         lines.append(f"  field `{path}`: got {_show(value)}; {err['msg']}")

@@ -205,17 +205,22 @@ def method_run_config(
 ) -> RunConfig:
     """The run config of one method on one dataset with one seed.
 
-    The base run, with the method's ``overrides`` merged in, then its dataset, model,
-    optimiser (with tuned ``params``), gradient method and seed.
+    The base run with the dataset's own ``train`` settings merged in, then the method's
+    ``overrides`` (they make the method what it is, so they win), then its dataset, model,
+    optimiser (with tuned ``params``, by default the values the dataset records for it),
+    gradient method and seed.
     """
+    if params is None:
+        params = entry.params.get(method_name, {})
     method = comparison.methods[method_name]
-    doc = deep_merge(comparison.base.model_dump(mode="json"), method.overrides)
+    doc = deep_merge(comparison.base.model_dump(mode="json"), {"train": entry.train})
+    doc = deep_merge(doc, method.overrides)
     doc.update(
         name=f"{comparison.name}-{method_name}",
         seed=seed,
         data=deep_merge(entry.data.model_dump(mode="json"), method.overrides.get("data", {})),
         model=deep_merge(entry.model.model_dump(mode="json"), method.overrides.get("model", {})),
-        optimizer=apply_params(method.optimizer, params or {}).model_dump(mode="json"),
+        optimizer=apply_params(method.optimizer, params).model_dump(mode="json"),
     )
     if method.gradient_method:
         doc["train"]["gradient_method"] = method.gradient_method
@@ -251,11 +256,19 @@ def fast_dev_config(
     doc["base"] = deep_merge(doc["base"], {"train": short})
     doc["seeds"] = config.seed_list[:1]
     doc["tuning"]["always"] = False
-    for method in doc["methods"].values():
-        train_overrides = method["overrides"].get("train")
-        if isinstance(train_overrides, dict):
-            train_overrides.update({k: v for k, v in short.items() if k in train_overrides})
+    train_overrides = [method["overrides"].get("train") for method in doc["methods"].values()]
+    train_overrides += [entry["train"] for entry in doc.get("datasets") or []]
+    for overrides in train_overrides:
+        if isinstance(overrides, dict):
+            overrides.update({k: v for k, v in short.items() if k in overrides})
     return config_from_dict(doc)
+
+
+def _params(tuned: dict[tuple[str, str], dict[str, Any]], entry: DatasetEntry, name: str) -> dict[str, Any]:
+    """The values ``name`` runs with on ``entry``: tuned in this run, else the dataset's recorded ones."""
+    if (name, entry.label) in tuned:
+        return tuned[name, entry.label]["params"]
+    return entry.params.get(name, {})
 
 
 def _fixed_threads(comparison: ComparisonConfig) -> ComparisonConfig:
@@ -288,8 +301,9 @@ def run_comparison(
     comparison = _fixed_threads(comparison)
     names = list(comparison.methods)
     datasets = {entry.label: (entry, _load(entry)) for entry in comparison.dataset_entries}
-    for entry, dataset in datasets.values():  # reject bad settings before writing anything
-        for name in names:
+    members = {label: comparison.entry_methods(entry) for label, (entry, _) in datasets.items()}
+    for label, (entry, dataset) in datasets.items():  # reject bad settings before writing anything
+        for name in members[label]:
             build_run(method_run_config(comparison, name, entry, comparison.seed_list[0]), dataset)
 
     if record is None:
@@ -303,24 +317,24 @@ def run_comparison(
         tuned: dict[tuple[str, str], dict[str, Any]] = {}
         if tune:
             for label, (entry, dataset) in datasets.items():
-                for name in names:
+                tuning = comparison.entry_tuning(entry)
+                for name in members[label]:
                     if progress:
                         progress.message(
-                            f"tuning {name} on {label}: {comparison.tuning.grid} grid + "
-                            f"{comparison.tuning.trials} sampler trials"
+                            f"tuning {name} on {label}: {tuning.grid} grid + {tuning.trials} sampler trials"
                         )
                     tuned[name, label] = tune_method(
                         method_name=name,
                         method=comparison.methods[name],
-                        run_config=method_run_config(comparison, name, entry, comparison.tuning.seed),
+                        run_config=method_run_config(comparison, name, entry, tuning.seed),
                         dataset=dataset,
-                        tuning=comparison.tuning,
+                        tuning=tuning,
                         storage_path=record.path / "tuning.sqlite",
                         study_name=f"{name}@{label}",
                     )
         runs = []
         for label, (entry, dataset) in datasets.items():
-            for name in names:
+            for name in members[label]:
                 params = tuned.get((name, label), {}).get("params")
                 for seed in comparison.seed_list:
                     config = method_run_config(comparison, name, entry, seed, params)
@@ -338,6 +352,12 @@ def run_comparison(
         raise
 
     target = comparison.base.train.target
+    per_dataset = {}
+    for label, (entry, _) in datasets.items():
+        metric, mode = comparison.entry_metric(entry)
+        entry_target = method_run_config(comparison, comparison.baseline, entry, comparison.seed_list[0]).train.target
+        per_dataset[label] = {"methods": members[label], "metric": metric, "mode": mode,
+                              "target": entry_target.model_dump() if entry_target else None}
     summary = {
         "kind": "comparison",
         "id": record.id,
@@ -348,27 +368,30 @@ def run_comparison(
         "baseline": comparison.baseline,
         "primary_metric": {"name": comparison.metric, "mode": comparison.mode},
         "target": target.model_dump() if target else None,
+        "datasets": per_dataset,
         "seeds": comparison.seed_list,
         "methods": {
             name: {
                 "hyperparameters": {
                     label: apply_params(
-                        comparison.methods[name].optimizer,
-                        tuned.get((name, label), {}).get("params", {}),
+                        comparison.methods[name].optimizer, _params(tuned, datasets[label][0], name),
                     ).model_dump()
-                    for label in datasets
+                    for label in datasets if name in members[label]
                 },
                 "tuning": (
-                    {label: tuned[name, label] for label in datasets} if tune
+                    {label: tuned[name, label] for label in datasets if name in members[label]} if tune
                     else {"source": comparison.tuning.source}
                 ),
             }
             for name in names
         },
         "runs": runs,
-        "aggregates": stats.aggregate(
-            runs, baseline=comparison.baseline, metric=comparison.metric, mode=comparison.mode
-        ),
+        "aggregates": [
+            row
+            for label, spec in per_dataset.items()
+            for row in stats.aggregate([run for run in runs if run["dataset"] == label], baseline=comparison.baseline,
+                                       metric=spec["metric"], mode=spec["mode"])
+        ],
         "environment": capture_environment(),
     }
     return _write(record, summary)

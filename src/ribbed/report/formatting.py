@@ -70,13 +70,57 @@ def run_status(run: Mapping[str, Any]) -> str:
     return str(run["status"])
 
 
-def target(summary: Mapping[str, Any]) -> str:
-    """The comparison target as ``val_acc ≥ 0.9``, or ``none``."""
-    spec = summary.get("target")
-    if not spec:
+def dataset_spec(summary: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """``metric``, ``mode`` and ``target`` on ``dataset``: a comparison's datasets may each
+    have their own (``summary["datasets"]``), else the summary's primary metric and target."""
+    own = (summary.get("datasets") or {}).get(dataset) or {}
+    primary = summary["primary_metric"]
+    return {"metric": own.get("metric", primary["name"]), "mode": own.get("mode", primary["mode"]),
+            "target": own["target"] if "target" in own else summary.get("target")}
+
+
+def _per_dataset(summary: Mapping[str, Any], describe) -> str | None:
+    """``describe(spec)`` if it reads the same on every dataset, else ``None``."""
+    texts = {describe(dataset_spec(summary, dataset)) for dataset in summary.get("datasets") or [""]}
+    return texts.pop() if len(texts) == 1 else None
+
+
+def _grouped(summary: Mapping[str, Any], describe) -> str:
+    """``describe(spec)`` once, or per group of datasets where they differ: ``a on d1, d2; b on d3``."""
+    same = _per_dataset(summary, describe)
+    if same is not None:
+        return same
+    groups: dict[str, list[str]] = {}
+    for dataset in summary["datasets"]:
+        groups.setdefault(describe(dataset_spec(summary, dataset)), []).append(dataset)
+    return "; ".join(f"{text} on {', '.join(datasets)}" for text, datasets in groups.items())
+
+
+def target(summary: Mapping[str, Any], dataset: str | None = None) -> str:
+    """The comparison target as ``val_acc ≥ 0.9``, or ``none``; with ``dataset``, that
+    dataset's; without, every dataset's where they differ."""
+    if dataset is not None:
+        return _target_text(dataset_spec(summary, dataset))
+    return _grouped(summary, _target_text)
+
+
+def _target_text(spec: Mapping[str, Any]) -> str:
+    target = spec["target"]
+    if not target:
         return "none"
-    relation = "≥" if spec["mode"] == "max" else "≤"
-    return f"{spec['metric']} {relation} {number(spec['value'])}"
+    relation = "≥" if target["mode"] == "max" else "≤"
+    return f"{target['metric']} {relation} {number(target['value'])}"
+
+
+def primary_metric(summary: Mapping[str, Any]) -> str:
+    """The primary metric and its direction, e.g. ``test_acc (higher is better)``, per group of
+    datasets where they differ."""
+    return _grouped(summary, lambda spec: f"{spec['metric']} ({direction(spec['mode'])})")
+
+
+def metric_name(summary: Mapping[str, Any]) -> str | None:
+    """The primary metric's name if every dataset shares it, else ``None`` (say it per row)."""
+    return _per_dataset(summary, lambda spec: spec["metric"])
 
 
 def direction(mode: str) -> str:

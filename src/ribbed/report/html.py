@@ -110,12 +110,11 @@ def render_html(summary: Mapping[str, Any]) -> str:
 
 
 def _header(summary: Mapping[str, Any]) -> str:
-    primary = summary["primary_metric"]
     meta = [
         f"created {summary['created']}",
         f"id {summary.get('id', fmt.MISSING)}",
         f"baseline {summary['baseline']}",
-        f"primary metric {primary['name']} ({fmt.direction(primary['mode'])})",
+        f"primary metric {fmt.primary_metric(summary)}",
         f"target {fmt.target(summary)}",
     ]
     return (
@@ -150,8 +149,8 @@ def _results(summary: Mapping[str, Any]) -> str:
     rows = summary.get("aggregates") or []
     if not rows:
         return "<h2>Final metrics</h2>\n" + _final_metrics(summary["runs"])
-    metric = summary["primary_metric"]["name"]
-    headers = ["Method", "Dataset", "Runs", f"{metric} (mean ± 95% CI)", "Reached target",
+    metric = fmt.metric_name(summary)  # None: the datasets differ, so each row names its own
+    headers = ["Method", "Dataset", "Runs", f"{metric or 'metric'} (mean ± 95% CI)", "Reached target",
                "Steps to target (mean ± 95% CI)", "ms per step", f"p vs {summary['baseline']}", "Verdict"]
     grouped = group_runs(summary["runs"], summary["baseline"])
     body = [
@@ -159,8 +158,10 @@ def _results(summary: Mapping[str, Any]) -> str:
             row["method"],
             row["dataset"],
             Cell(_run_counts(row), "num"),
-            Cell(fmt.estimate(row["mean"], row["ci_low"], row["ci_high"]), "num"),
-            Cell(str(row["reached_target"]) if summary.get("target") else fmt.MISSING, "num"),
+            Cell(("" if metric else f"{row['metric']} ") + fmt.estimate(row["mean"], row["ci_low"], row["ci_high"]),
+                 "num"),
+            Cell(str(row["reached_target"]) if fmt.dataset_spec(summary, row["dataset"])["target"] else fmt.MISSING,
+                 "num"),
             Cell(fmt.steps(row["steps_to_target_mean"], row.get("steps_to_target_ci_low"),
                            row.get("steps_to_target_ci_high")), "num"),
             Cell(fmt.milliseconds(step_time_ms(grouped.get(row["dataset"], {}).get(row["method"], []))), "num"),
@@ -181,6 +182,13 @@ def _results(summary: Mapping[str, Any]) -> str:
     return f"<h2>Results</h2>\n{_table(headers, body)}\n<p class=\"note\">{escape(note)}</p>"
 
 
+def _final_metric(summary: Mapping[str, Any], run: Mapping[str, Any], metric: str | None) -> str:
+    """A run's final primary metric, named when the datasets' metrics differ."""
+    name = metric or fmt.dataset_spec(summary, run["dataset"])["metric"]
+    value = fmt.number((run.get("final") or {}).get(name))
+    return value if metric else f"{name} {value}"
+
+
 def _final_metrics(runs: Sequence[Mapping[str, Any]]) -> str:
     keys = list(dict.fromkeys(key for run in runs for key in run.get("final") or {}))
     headers = ["Method", "Dataset", "Seed", "Status", *keys]
@@ -197,13 +205,13 @@ def _plots(summary: Mapping[str, Any]) -> str:
     grouped = group_runs(summary["runs"], summary["baseline"])
     methods = list(dict.fromkeys(m for by_method in grouped.values() for m in by_method))
     colors = method_colors(methods)
-    metric = summary["primary_metric"]["name"]
     parts = ["<h2>Plots</h2>"]
     for dataset, by_method in grouped.items():
+        spec = fmt.dataset_spec(summary, dataset)
         curves = curves_plot(dataset, by_method, colors)
-        summaries = [final_metric_plot(dataset, by_method, colors, metric, summary["baseline"])]
-        if summary.get("target"):
-            summaries.append(steps_to_target_plot(dataset, by_method, colors, summary["target"]))
+        summaries = [final_metric_plot(dataset, by_method, colors, spec["metric"], summary["baseline"])]
+        if spec["target"]:
+            summaries.append(steps_to_target_plot(dataset, by_method, colors, spec["target"]))
         parts.append(f"<h3>{escape(str(dataset))}</h3>")
         parts.append(_figure(curves) if curves else
                      "<p class=\"note\">No training history was recorded for completed runs.</p>")
@@ -259,8 +267,8 @@ def _hyperparameters(summary: Mapping[str, Any]) -> str:
 
 
 def _runs(summary: Mapping[str, Any]) -> str:
-    metric = summary["primary_metric"]["name"]
-    headers = ["Run", "Method", "Dataset", "Seed", "Status", f"final {metric}",
+    metric = fmt.metric_name(summary)
+    headers = ["Run", "Method", "Dataset", "Seed", "Status", f"final {metric or 'primary metric'}",
                "Steps to target", "ms per step", "Steps", "Train seconds"]
     body = [
         [
@@ -269,7 +277,7 @@ def _runs(summary: Mapping[str, Any]) -> str:
             run["dataset"],
             Cell(str(run["seed"]), "num"),
             _status_cell(run),
-            Cell(fmt.number((run.get("final") or {}).get(metric)), "num"),
+            Cell(_final_metric(summary, run, metric), "num"),
             Cell(fmt.number(run.get("steps_to_target")), "num"),
             Cell(fmt.milliseconds(step_time_ms([run])), "num"),
             Cell(fmt.number(run.get("steps")), "num"),

@@ -17,13 +17,12 @@ from ribbed.report.narrative import narrative
 
 def render_markdown(summary: Mapping[str, Any]) -> str:
     """The Markdown report as a string."""
-    primary = summary["primary_metric"]
     lines = [
         f"# {_text(summary['kind']).capitalize()}: {_text(summary['name'])}",
         "",
         f"Created {_text(summary['created'])} · id {_text(summary.get('id', fmt.MISSING))} · "
-        f"baseline {_text(summary['baseline'])} · primary metric {_text(primary['name'])} "
-        f"({fmt.direction(primary['mode'])}) · target {_text(fmt.target(summary))}",
+        f"baseline {_text(summary['baseline'])} · primary metric {_text(fmt.primary_metric(summary))} "
+        f"· target {_text(fmt.target(summary))}",
         "",
         *(f"- {_text(sentence)}" for sentence in narrative(summary)),
         *([""] if summary.get("aggregates") else []),
@@ -50,14 +49,14 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
 
 
 def _aggregates_table(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    metric = summary["primary_metric"]["name"]
-    headers = ["Method", "Dataset", "n", "Diverged", f"{metric} (mean ± 95% CI)", "Reached target",
+    metric = fmt.metric_name(summary)  # None: the datasets differ, so each row names its own
+    headers = ["Method", "Dataset", "n", "Diverged", f"{metric or 'metric'} (mean ± 95% CI)", "Reached target",
                "Steps to target (mean ± 95% CI)", "ms per step", f"p vs {summary['baseline']}", "Verdict"]
     grouped = group_runs(summary["runs"], summary["baseline"])
     body = [
         [row["method"], row["dataset"], row["n"], row["n_diverged"],
-         fmt.estimate(row["mean"], row["ci_low"], row["ci_high"]),
-         row["reached_target"] if summary.get("target") else fmt.MISSING,
+         ("" if metric else f"{row['metric']} ") + fmt.estimate(row["mean"], row["ci_low"], row["ci_high"]),
+         row["reached_target"] if fmt.dataset_spec(summary, row["dataset"])["target"] else fmt.MISSING,
          fmt.steps(row["steps_to_target_mean"], row.get("steps_to_target_ci_low"),
                    row.get("steps_to_target_ci_high")),
          fmt.milliseconds(step_time_ms(grouped.get(row["dataset"], {}).get(row["method"], []))),

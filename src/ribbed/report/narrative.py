@@ -70,7 +70,8 @@ def final_internals(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def _winner(summary: Mapping[str, Any], dataset: str, rows: Sequence[Mapping[str, Any]], where: str) -> str:
-    metric, mode = summary["primary_metric"]["name"], summary["primary_metric"]["mode"]
+    spec = fmt.dataset_spec(summary, dataset)
+    metric, mode = spec["metric"], spec["mode"]
     baseline = summary["baseline"]
     done = [row for row in rows if row["mean"] is not None]
     if not done:
@@ -94,16 +95,16 @@ def _winner(summary: Mapping[str, Any], dataset: str, rows: Sequence[Mapping[str
 
 
 def _speed(summary: Mapping[str, Any], dataset: str, rows: Sequence[Mapping[str, Any]], where: str) -> str | None:
-    if not summary.get("target"):
+    if not fmt.dataset_spec(summary, dataset)["target"]:
         return None
     reached = [row for row in rows if row.get("steps_to_target_mean") is not None]
     missed = [row["method"] for row in rows if row.get("steps_to_target_mean") is None]
     if not reached:
-        return _start(where, f"no method reached {fmt.target(summary)}.")
+        return _start(where, f"no method reached {fmt.target(summary, dataset)}.")
     reached.sort(key=lambda row: row["steps_to_target_mean"])
     parts = ", ".join(f"{row['method']} {fmt.steps(row['steps_to_target_mean'])} ({row['reached_target']} runs)"
                       for row in reached)
-    text = _start(where, f"steps to {fmt.target(summary)}, the primary speed figure: {parts}")
+    text = _start(where, f"steps to {fmt.target(summary, dataset)}, the primary speed figure: {parts}")
     return text + (f"; not reached by {', '.join(missed)}." if missed else ".")
 
 
