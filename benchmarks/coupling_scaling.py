@@ -20,7 +20,7 @@ import math
 import torch
 
 from ribbed.core.coupling import ROUTERS
-from ribbed.core.studies import coupling_workload, loglog_slope, time_coupling
+from ribbed.experiments.studies.core import coupling_workload, loglog_slope, time_coupling
 from ribbed.runs.environment import cpu_description
 
 

@@ -16,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ribbed.distributed.studies import default_strategies, measure_strategies
+from ribbed.experiments.studies.distributed import default_strategies, measure_strategies
 
 
 def main() -> None:

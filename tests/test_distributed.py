@@ -1,6 +1,6 @@
 """Distributed strategies on 2 CPU processes (gloo) against single-process training.
 
-One launch of ``ribbed.distributed.worker`` trains every case of :data:`CASES` on the same
+One launch of ``ribbed.train.worker`` trains every case of :data:`CASES` on the same
 tiny digits/MLP run (global batch 64, so each rank sees 32 rows); each case's per-step
 losses must match the single-process run of the same config. Checkpoints cross the
 boundary both ways, and killed or hanging ranks must fail the launch quickly and clearly.
@@ -102,7 +102,7 @@ def launched(tmp_path_factory, digits):
         record.path.joinpath("config.yaml").write_text(yaml.safe_dump(resumed.model_dump(mode="json")))
         args += ["--run", f"single-to-{label}={write_config(root / f'{label}-full.yaml', resumed)}",
                  "--resume", f"single-to-{label}={record.path}"]
-    launch(args, nproc=2, module="ribbed.distributed.worker")
+    launch(args, nproc=2, module="ribbed.train.worker")
     return {row["method"]: open_run(runs, row["id"]) for row in list_runs(runs, limit=1000)}
 
 
@@ -256,8 +256,8 @@ class FaultAt:
 
 
 if __name__ == "__main__":
-    from ribbed.distributed.worker import main
     from ribbed.train import register_plugin
+    from ribbed.train.worker import main
 
     register_plugin("test-fault", "kill or hang rank 1 at a step (tests only)")(FaultAt)
     main()

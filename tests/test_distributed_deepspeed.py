@@ -21,7 +21,7 @@ def test_deepspeed_zero3_follows_the_single_process_loss(tmp_path):
     config = case_config({"strategy": "deepspeed", "options": {"stage": 3}}, {})
     runs = tmp_path / "runs"
     launch(["--runs-dir", str(runs), "--run", f"zero3={write_config(tmp_path / 'ds.yaml', config)}"],
-           nproc=2, module="ribbed.distributed.worker")
+           nproc=2, module="ribbed.train.worker")
     (row,) = list_runs(runs)
     record = open_run(runs, row["id"])
     assert record.read_summary()["status"] == "completed"

@@ -1,6 +1,6 @@
 """Pipeline and tensor parallelism, and RIBBED under DDP, on 2 CPU processes (gloo).
 
-One launch of this module as a ``ribbed.distributed.worker`` trains every case of
+One launch of this module as a ``ribbed.train.worker`` trains every case of
 :data:`CASES` and the checkpoint round trips; each case's per-step losses must match the
 single-process run of the same config with the same global batch:
 
@@ -273,10 +273,14 @@ def test_bad_tensor_parallel_settings_are_named():
 
 def test_model_splitting_strategies_refuse_what_they_do_not_support(tiny_config):
     from ribbed.core import RIBBED
+    from ribbed.optim import build_optimizer
 
     with pytest.raises(ValueError, match=r"optimizer.name: got 'ribbed' with strategy 'tensor'.*allowed with ribbed: strategy ddp"):
-        require_whole_neurons(RIBBED(_mlp(), lr=0.01), "tensor")
-    require_whole_neurons(torch.optim.AdamW(_mlp().parameters()), "tensor")
+        require_whole_neurons(RIBBED(_mlp(), lr=0.01), "ribbed", "tensor")
+    wrapped = build_optimizer("trust_ratio", _mlp(), lr=0.01, base="ribbed")  # declares what its base needs
+    with pytest.raises(ValueError, match=r"optimizer.name: got 'trust_ratio' with strategy 'zero3'"):
+        require_whole_neurons(wrapped, "trust_ratio", "zero3")
+    require_whole_neurons(torch.optim.AdamW(_mlp().parameters()), "adamw", "tensor")
     with pytest.raises(ValueError, match=r"train.precision: got 'bf16'; allowed with strategy 'pipeline': 'fp32'"):
         require_backprop_fp32(tiny_config(train={"precision": "bf16"}), "pipeline")
     config = tiny_config(train={"gradient_method": "forward-gradient",
@@ -316,8 +320,8 @@ class SaveControllers:
 
 
 if __name__ == "__main__":
-    from ribbed.distributed.worker import main
     from ribbed.train import register_plugin
+    from ribbed.train.worker import main
 
     register_plugin("test-save-controllers", "save each rank's RIBBED controllers (tests only)")(SaveControllers)
     main()

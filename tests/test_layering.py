@@ -7,9 +7,12 @@ for torch and the optimisers, and so that the core never depends on the machiner
 it. Training plug-ins built on core pieces live in ``ribbed.plugins``.
 
 The package-level import graph (module-level imports only; a function-level import is a
-deliberate lazy edge) still has one cycle, through the domain packages' ``studies`` modules and
-the training loop's strategies; :data:`KNOWN_CYCLES` names it so that this test fails both
-when a new cycle appears and when the known one is broken (then shrink the list).
+deliberate lazy edge) has no cycle: the measurement studies live above every package they
+measure (``ribbed.experiments.studies``), the statistics the reports and the harness share sit
+below both (``ribbed.stats``), the torchrun worker that trains recorded runs sits above the loop
+(``ribbed.train.worker``), and the distribution strategies ask an optimiser what it needs
+(``ribbed.optim.capabilities``) instead of importing the optimisers they refuse.
+:data:`KNOWN_CYCLES` stays empty: a new cycle fails the test.
 """
 
 from __future__ import annotations
@@ -29,13 +32,9 @@ ABOVE_THE_CORE = ("train", "distributed", "data", "runs", "experiments", "report
                   "continual", "memory", "sparse", "research", "curriculum", "alternatives", "extensions")
 """Packages built on the core: ``ribbed.core`` and ``ribbed.optim`` must not import them."""
 
-KNOWN_CYCLES = [
-    {"distributed", "experiments", "memory", "optim", "report", "sparse", "train"},
-]
-"""Package cycles still to break (issue 14): ``optim/studies`` and ``memory/studies`` import the
-harness and the reports, which import the loop, which imports the strategies, which import the
-loop. Moving every ``studies`` module under ``experiments`` and the strategies' loop imports
-behind a capability breaks it."""
+KNOWN_CYCLES: list[set[str]] = []
+"""Package cycles to break; issue 14 broke the last (through the domain packages' ``studies``
+modules, the reports' statistics and the distributed worker's loop import). Keep it empty."""
 
 
 def module_level_imports(path: Path) -> set[str]:
@@ -93,12 +92,24 @@ def test_core_and_optim_modules_import_nothing_built_above_them():
     offenders = {}
     for package in ("core", "optim"):
         for path in (PACKAGE / package).rglob("*.py"):
-            if path.name == "studies.py":  # experiments, not the core: they move under experiments/ (issue 14)
-                continue
             upward = module_level_imports(path) & set(ABOVE_THE_CORE)
             if upward:
                 offenders[str(path.relative_to(PACKAGE))] = sorted(upward)
     assert not offenders, f"modules of the core importing packages built on it: {offenders}"
+
+
+def test_distribution_strategies_ask_optimisers_instead_of_importing_them():
+    """A strategy that refuses an optimiser asks what it needs (``ribbed.optim.capabilities``);
+    importing RIBBED to check its type, even inside a function, would tie the strategies to it."""
+    offenders = {}
+    for path in (PACKAGE / "distributed").rglob("*.py"):
+        nodes = list(ast.walk(ast.parse(path.read_text())))
+        imported = {node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        core = sorted(name for name in imported if name == "ribbed.core" or name.startswith("ribbed.core."))
+        if core:
+            offenders[str(path.relative_to(PACKAGE))] = core
+    assert not offenders, f"distribution modules importing the optimisers they run: {offenders}"
 
 
 def test_package_import_cycles_are_only_the_known_ones():

@@ -13,8 +13,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from ribbed.experiments.stats import aggregate
 from ribbed.report import write_report
+from ribbed.stats import aggregate
 from tests.browser import dump_dom, find_chromium, screenshot
 
 EVIL = "<script>alert(1)</script>"

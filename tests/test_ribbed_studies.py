@@ -60,7 +60,7 @@ def test_coupling_scaling_fits_slopes_and_dense_agrees_with_itself(tmp_path):
     ([0.95, 0.2, 0.1, 0.1, 0.1], 0.01 / 0.75),  # best at the edge: only one side counts
 ])
 def test_width_within_tolerance_interpolates_the_crossings(scores, width):
-    from ribbed.core.studies import width_within
+    from ribbed.experiments.studies.core import width_within
 
     assert width_within([0.0, 1.0, 2.0, 3.0, 4.0], scores, 0.01) == pytest.approx(width)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from ribbed.experiments.stats import aggregate, mean_ci, welch_test
+from ribbed.stats import aggregate, mean_ci, welch_test
 
 BASE = [0.50, 0.51, 0.49]
 HIGHER = [0.70, 0.71, 0.69]

@@ -196,7 +196,7 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 def _results_table(summary: dict) -> Table:
     """The aggregates as a table; time is per step, measured within each run (not seconds to
     target, which depend on what else ran on the machine at the time)."""
-    from ribbed.experiments.stats import group_runs, step_time_ms
+    from ribbed.stats import group_runs, step_time_ms
 
     metrics = {row.get("metric") for row in summary.get("aggregates", [])}
     metric = summary.get("primary_metric", {}).get("name", "metric") if len(metrics) <= 1 else None
@@ -336,7 +336,7 @@ def _launch_workers(
 
 
 def _resume_workers(nproc: int, record) -> None:
-    """``record`` resumed on ``nproc`` torchrun workers (``ribbed.distributed.worker``): rank 0
+    """``record`` resumed on ``nproc`` torchrun workers (``ribbed.train.worker``): rank 0
     continues the record from its checkpoint, the other ranks read that checkpoint too."""
     from ribbed.distributed import DistributedRunError, launch
 
@@ -344,7 +344,7 @@ def _resume_workers(nproc: int, record) -> None:
     record.set_status("running")
     try:
         launch(["--runs-dir", str(record.runs_dir), "--run", f"{label}={record.config_path}",
-                "--resume", f"{label}={record.path}"], nproc, module="ribbed.distributed.worker")
+                "--resume", f"{label}={record.path}"], nproc, module="ribbed.train.worker")
     except DistributedRunError as exc:
         _fail(f"{exc} ({record.id}: {record.effective_status()})")
 

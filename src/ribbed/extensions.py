@@ -3,16 +3,16 @@
 Optimisers, gradient methods, training plug-ins, samplers, models and studies defined in
 these packages register themselves when imported. :func:`load_extensions` imports them all
 once, before a run is built or a registry is listed, so a config can name anything ribbed
-ships without the user importing the right module first. A package's ``studies`` module,
-when it has one, registers its measurement studies.
+ships without the user importing the right module first. The measurement studies live above
+all of them, one module per domain in ``ribbed.experiments.studies`` (:data:`STUDY_MODULES`),
+and are imported after them.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
-__all__ = ["EXTENSION_PACKAGES", "load_extensions"]
+__all__ = ["EXTENSION_PACKAGES", "STUDY_MODULES", "load_extensions"]
 
 EXTENSION_PACKAGES = (
     "ribbed.optim",
@@ -27,17 +27,24 @@ EXTENSION_PACKAGES = (
     "ribbed.continual",
 )
 
+STUDY_MODULES = (
+    "ribbed.experiments.studies.optim",
+    "ribbed.experiments.studies.core",
+    "ribbed.experiments.studies.memory",
+    "ribbed.experiments.studies.research",
+    "ribbed.experiments.studies.distributed",
+    "ribbed.experiments.studies.continual",
+)
+"""The modules that register the measurement studies (``ribbed list studies``)."""
+
 _loaded = False
 
 
 def load_extensions() -> None:
-    """Import every extension package and its ``studies`` module (once per process)."""
+    """Import every extension package, then every study module (once per process)."""
     global _loaded
     if _loaded:
         return
-    for package in EXTENSION_PACKAGES:
-        importlib.import_module(package)
-        studies = f"{package}.studies"
-        if importlib.util.find_spec(studies) is not None:
-            importlib.import_module(studies)
+    for module in (*EXTENSION_PACKAGES, *STUDY_MODULES):
+        importlib.import_module(module)
     _loaded = True

@@ -198,7 +198,7 @@ class PipelineParallel(Strategy):
             self.split_points = even_split_points(model, stages)
         check_split_points(model, self.split_points, stages)
         optimizer = make_optimizer(model)
-        require_whole_neurons(optimizer, self.name)
+        require_whole_neurons(optimizer, config.optimizer.name, self.name)
         self.device = device
         return model, optimizer, PipelinedBackward(self)
 

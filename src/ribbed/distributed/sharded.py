@@ -84,7 +84,7 @@ class FullySharded(Strategy):
         if precision.scaler is not None:  # fp16: unscale and check sharded gradients on all ranks
             precision.scaler = ShardedGradScaler(device.type)
         optimizer = make_optimizer(model)
-        require_whole_neurons(optimizer, self.name)
+        require_whole_neurons(optimizer, config.optimizer.name, self.name)
         return model, optimizer, gradient_method
 
     def no_sync(self, model, last_micro_batch):

@@ -41,6 +41,7 @@ from ribbed.distributed.process_group import (
     collective_device,
     join_process_group,
 )
+from ribbed.optim.capabilities import needs_whole_neurons
 from ribbed.registry import Registry, check_options
 
 __all__ = [
@@ -246,20 +247,15 @@ def require_backprop_fp32(config: RunConfig, strategy: str) -> None:
             raise ValueError(f"{field}: got {value!r}; allowed with strategy {strategy!r}: {allowed!r}")
 
 
-def require_whole_neurons(optimizer: torch.optim.Optimizer, strategy: str) -> None:
-    """Refuse RIBBED under a strategy that splits the model across ranks.
-
-    RIBBED averages its per-neuron features over all ranks (``RIBBED._update_controllers``),
-    which is right when every rank holds every neuron whole (data parallelism) and wrong when
-    ranks hold different layers (pipeline), different rows of a layer (tensor parallelism) or
-    shards of the parameters (FSDP).
-    """
-    from ribbed.core import RIBBED
-
-    if isinstance(optimizer, RIBBED):
+def require_whole_neurons(optimizer: torch.optim.Optimizer, name: str, strategy: str) -> None:
+    """Refuse an optimiser that needs every neuron whole on each rank (RIBBED, see
+    :attr:`ribbed.optim.capabilities.Capabilities.needs_whole_neurons`) under ``strategy``, which
+    splits the model across ranks; ``name`` is the optimiser's name in the run's config."""
+    if needs_whole_neurons(optimizer):
         raise ValueError(
-            f"optimizer.name: got 'ribbed' with strategy {strategy!r}, which gives each rank a "
-            "different part of the model; allowed with ribbed: strategy ddp or none"
+            f"optimizer.name: got {name!r} with strategy {strategy!r}, which gives each rank a "
+            f"different part of the model while {name!r} needs every neuron whole on each rank; "
+            f"allowed with {name}: strategy ddp or none"
         )
 
 

@@ -154,7 +154,7 @@ class TensorParallel(Strategy):
             attention.n_head //= self.world_size  # the forward takes its widths from c_attn
         replicate_other_parameters(model, mesh)
         optimizer = make_optimizer(model)
-        require_whole_neurons(optimizer, self.name)
+        require_whole_neurons(optimizer, config.optimizer.name, self.name)
         return model, optimizer, gradient_method
 
     # ------------------------------------------------------------------ single-process order

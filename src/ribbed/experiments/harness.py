@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ribbed import stats
 from ribbed.config import (
     ComparisonConfig,
     ConfigError,
@@ -30,7 +31,6 @@ from ribbed.config import (
     deep_merge,
 )
 from ribbed.data import Dataset, load_dataset
-from ribbed.experiments import stats
 from ribbed.experiments.tuning import apply_params, tune_method
 from ribbed.runs import capture_environment, create_run
 from ribbed.runs.records import FINISHED as FINISHED_RUN

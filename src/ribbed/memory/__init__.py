@@ -8,7 +8,7 @@ and both per training step of a configured run.
 * :func:`profile_training`: both, plus median step time, for a ``RunConfig`` trained by the
   one training loop.
 
-The ``checkpoint-sparse`` and ``moe-attention`` studies live in ``ribbed.memory.studies``.
+The ``checkpoint-sparse`` and ``moe-attention`` studies live in ``ribbed.experiments.studies.memory``.
 """
 
 from ribbed.memory.peak import PeakMemory, process_rss_bytes, track_peak_memory

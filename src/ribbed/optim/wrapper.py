@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ribbed.optim.capabilities import needs_whole_neurons
 from ribbed.optim.registry import OptimizerError, ParamsArg, build_optimizer
 from ribbed.optim.state import attach_entries, detach, hooked_load_state_dict, hooked_state_dict
 
@@ -73,6 +74,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
         super().__init__(base.param_groups, {**base.defaults, **defaults})
         self.base = base
         self.param_groups = base.param_groups
+
+    @property
+    def needs_whole_neurons(self) -> bool:
+        """A wrapper steps its base over the same neurons, so it needs what its base needs
+        (:mod:`ribbed.optim.capabilities`)."""
+        return needs_whole_neurons(self.base)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "base"):  # Optimizer.__init__ adding the base's own groups

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any, NamedTuple
 
-from ribbed.experiments.stats import group_runs, step_time_ms
 from ribbed.report import formatting as fmt
 from ribbed.report.metrics import describe
 from ribbed.report.narrative import final_internals, narrative
@@ -25,6 +24,7 @@ from ribbed.report.plots import (
     method_colors,
     steps_to_target_plot,
 )
+from ribbed.stats import group_runs, step_time_ms
 
 VERDICT_CLASSES = {
     "baseline": "v-baseline",

@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from ribbed.experiments.stats import group_runs, step_time_ms
 from ribbed.report import formatting as fmt
 from ribbed.report.narrative import narrative
+from ribbed.stats import group_runs, step_time_ms
 
 
 def render_markdown(summary: Mapping[str, Any]) -> str:

@@ -12,9 +12,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ribbed.experiments.stats import group_runs, step_time_ms
 from ribbed.report import formatting as fmt
 from ribbed.report.metrics import describe, is_internal
+from ribbed.stats import group_runs, step_time_ms
 
 __all__ = ["final_internals", "learning_rate", "narrative"]
 

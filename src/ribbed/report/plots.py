@@ -3,7 +3,7 @@
 Figures are built from :class:`matplotlib.figure.Figure` directly, never through
 ``pyplot``: no global figure registry, no backend switch, nothing to close, and safe
 to call from any thread or a headless machine. Each plot function takes the runs of
-one dataset grouped by method (see :func:`ribbed.experiments.stats.group_runs`) and
+one dataset grouped by method (see :func:`ribbed.stats.group_runs`) and
 returns a :class:`Plot`, or ``None`` when there is nothing to draw.
 """
 
@@ -20,8 +20,8 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ribbed.experiments.stats import mean_ci
 from ribbed.report.metrics import is_internal
+from ribbed.stats import mean_ci
 
 DPI = 100
 NOT_CURVES = ("step", "time", "lr")

@@ -9,7 +9,7 @@ Importing the package registers its pieces with the training loop and the model 
   ``mlp-dropout`` model (dropout per layer, fixed or learned) and the ``dropout-rates`` plug-in;
 * ``ribbed.research.net2net``: function-preserving widening / deepening and the ``net2net``
   plug-in that applies them on a schedule or a plateau;
-* ``ribbed.research.studies``: the ``landscape`` study (loaded by ``ribbed.extensions``).
+* ``ribbed.experiments.studies.research``: the ``landscape`` study (loaded by ``ribbed.extensions``).
 """
 
 from ribbed.research.hessian import (

@@ -4,7 +4,7 @@
 launch this module instead, because each of their runs must be a child record of the study
 and several configs should share one launch (one rendezvous, one interpreter start)::
 
-    python -m ribbed.distributed.worker --runs-dir RUNS --parent STUDY_ID \\
+    python -m ribbed.train.worker --runs-dir RUNS --parent STUDY_ID \\
         --run zero3=cfg_a.yaml --run ddp=cfg_b.yaml
 
 Each ``--run LABEL=CONFIG`` is trained in turn as a record named by its label; with

@@ -25,9 +25,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from ribbed import stats
 from ribbed.config import ComparisonConfig, ConfigError, config_from_dict
 from ribbed.data import load_dataset
-from ribbed.experiments import stats
 from ribbed.experiments.harness import method_run_config, run_comparison
 from ribbed.experiments.studies import FigureSpec, StudyContext, StudyResult, Table, register_study
 from ribbed.memory.sweeps import attention_sweep, depth_sweep

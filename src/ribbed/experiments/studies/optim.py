@@ -25,11 +25,11 @@ from matplotlib.figure import Figure
 
 from ribbed.config import ConfigError, RunConfig, config_from_dict, deep_merge
 from ribbed.data import load_dataset
-from ribbed.experiments.stats import mean_ci
 from ribbed.experiments.studies import FigureSpec, StudyContext, StudyResult, Table, register_study
 from ribbed.memory.profile import profile_training
 from ribbed.report import formatting as fmt
 from ribbed.report.plots import method_colors
+from ribbed.stats import mean_ci
 
 __all__ = ["precision"]
 

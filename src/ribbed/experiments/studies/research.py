@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ribbed import stats
 from ribbed.config import ConfigError, RunConfig, config_from_dict, deep_merge
 from ribbed.data import Split, load_dataset
-from ribbed.experiments import stats
 from ribbed.experiments.studies import FigureSpec, StudyContext, StudyResult, Table, register_study
 from ribbed.research import figures
 from ribbed.research.hessian import HessianOperator, lanczos_top_eigenvalues, probe_batch

@@ -30,8 +30,8 @@ from torch import nn
 from ribbed.core.coupling import ROUTERS, build_router
 from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.optimizer import RIBBED
-from ribbed.experiments.stats import mean_ci
 from ribbed.experiments.studies import FigureSpec, StudyResult, Table, register_study
+from ribbed.stats import mean_ci
 
 __all__ = ["coupling_scaling", "coupling_workload", "loglog_slope", "lr_sensitivity", "phase1", "time_coupling",
            "width_within"]

@@ -1,8 +1,11 @@
 """Measurement studies: experiments whose result is tables and figures, not a leaderboard.
 
 Memory against depth, step time against precision, coupling time against neuron count,
-loss-landscape slices: each is a function registered under a name (in an extension package's ``studies`` module), taking a
-:class:`StudyContext` and keyword options and returning a :class:`StudyResult`. A preset of
+loss-landscape slices: each is a function registered under a name, taking a
+:class:`StudyContext` and keyword options and returning a :class:`StudyResult`. The studies
+live in this package, one module per domain they measure (``core`` for RIBBED, ``optim``,
+``memory``, ``research``, ``distributed``, ``continual``), above every package they use;
+:func:`ribbed.extensions.load_extensions` imports them all. A preset of
 ``kind: study`` names the function and its options; :func:`run_study` records it like any
 run (config, environment, summary, report), saves its figures as PNG files beside the
 summary, and writes the report. A study that trains models does so through

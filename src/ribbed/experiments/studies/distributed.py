@@ -1,6 +1,6 @@
 """The ZeRO comparison (``zero-compare``): DDP against ZeRO-1/2/3 on 2 and 4 processes.
 
-For each process count, one launch of :mod:`ribbed.distributed.worker` trains the same run
+For each process count, one launch of :mod:`ribbed.train.worker` trains the same run
 under every strategy (torch's ZeroRedundancyOptimizer and FSDP / FSDP2, and DeepSpeed's
 ZeRO stages when the ``deepspeed`` extra is installed), each a child record of the study.
 Each run's metrics carry what the strategy measured on the busiest rank: bytes of
@@ -65,7 +65,7 @@ def measure_strategies(
         path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
         args += ["--run", f"{method}={path}"]
         labels[method] = label
-    launch(args, nproc, module="ribbed.distributed.worker")
+    launch(args, nproc, module="ribbed.train.worker")
     ids = {row["method"]: row["id"] for row in list_runs(runs_dir, parent=parent, limit=None)}
     rows = {}
     for method, label in labels.items():  # in the order the strategies were given

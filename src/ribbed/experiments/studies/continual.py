@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ribbed import stats
 from ribbed.continual.metrics import early_fraction_mean
 from ribbed.continual.runner import Method, OnlineRun, run_online, tune_lr
 from ribbed.data.continual import STREAMS, build_stream
-from ribbed.experiments import stats
 from ribbed.experiments.studies import FigureSpec, StudyContext, StudyResult, Table, register_study
 from ribbed.optim import OPTIMIZERS
 from ribbed.report.plots import method_colors
