@@ -308,8 +308,9 @@ class SaveControllers:
             from pathlib import Path
 
             Path(self.directory).mkdir(parents=True, exist_ok=True)
-            torch.save({"bank": self.optimizer.bank.state_dict(), "multiplier": self.optimizer.multiplier,
-                        "assignment": self.optimizer.routing.assignment},
+            controllers = self.optimizer.controllers
+            torch.save({"bank": controllers.bank.state_dict(), "multiplier": controllers.multiplier,
+                        "assignment": controllers.routing.assignment},
                        Path(self.directory) / f"rank{self.rank}.pt")
 
     def metrics(self):

@@ -18,7 +18,12 @@ from ribbed.core import RIBBED
 from ribbed.core.chain import NeuronChain, NeuronTransform, StepContext, TransformSpec
 from ribbed.core.optimizer import continual, meta_bp
 from ribbed.core.transforms import chiral_term, controllers, neuron_resets, norm_projection
-from tests.ribbed_helpers import assert_resume_matches_uninterrupted, mlp, random_batches, train_steps
+from tests.ribbed_helpers import (
+    assert_resume_matches_uninterrupted,
+    mlp,
+    random_batches,
+    train_steps,
+)
 
 
 def _final(build) -> list[torch.Tensor]:
