@@ -312,6 +312,12 @@ class RIBBED(NeuronChain):
         hierarchy = self.controllers.hierarchy if self.controllers is not None else None
         return [] if hierarchy is None else hierarchy.topology_log()
 
+    @property
+    def measures_density(self) -> bool:  # ribbed.optim.capabilities
+        """Whether information density is measured (``density_every``): the labels given to
+        :meth:`observe_labels` are then used, and the values join :meth:`telemetry`."""
+        return self.density is not None
+
     def observe_labels(self, labels: torch.Tensor) -> None:
         """Labels of the batch of the coming ``step()``, for the mutual information of the
         information density (a no-op with ``density_every=0``); call it before ``step()``."""
