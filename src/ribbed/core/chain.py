@@ -39,7 +39,7 @@ import dataclasses
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ class NeuronTransform:
         """The base update (only for ``modulates``)."""
         raise NotImplementedError
 
-    def trial_update(self, before: dict[nn.Parameter, torch.Tensor]) -> None:
+    def trial_update(self, before: dict[torch.Tensor, torch.Tensor]) -> None:
         """The update as :meth:`update` applies it, from the weights ``before`` (only for
         ``modulates``): a trial step for selection, with no bookkeeping."""
         raise NotImplementedError
@@ -106,7 +106,7 @@ class NeuronTransform:
     def after_update(self, ctx: StepContext) -> None:
         """After the base update (``ctx.step`` is still the step's own index)."""
 
-    def on_replaced(self, changed: dict[nn.Parameter, torch.Tensor], neurons: torch.Tensor) -> None:
+    def on_replaced(self, changed: dict[torch.Tensor, torch.Tensor], neurons: torch.Tensor) -> None:
         """Some neurons were re-initialised this step (``changed``: a boolean mask per
         parameter; ``neurons``: their global indices): forget what was kept about them."""
 
@@ -152,7 +152,7 @@ class StepContext:
     chain: NeuronChain
     closure: Callable[[], Any] | None
     step: int
-    replaced: list[tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]] = dataclasses.field(default_factory=list)
+    replaced: list[tuple[dict[torch.Tensor, torch.Tensor], torch.Tensor]] = dataclasses.field(default_factory=list)
 
     def probe(self, params: list[torch.Tensor], who: str) -> LossProbe:
         """Trial evaluations of this step's loss at values of ``params`` that leave no trace."""
@@ -161,7 +161,7 @@ class StepContext:
         owners = [p for group in chain.param_groups for p in group["params"]]
         return LossProbe(chain.model, params, loss, chain.recorders(), grad_owners=owners)
 
-    def replace(self, changed: dict[nn.Parameter, torch.Tensor] | None, neurons: torch.Tensor) -> None:
+    def replace(self, changed: dict[torch.Tensor, torch.Tensor] | None, neurons: torch.Tensor) -> None:
         """Report re-initialised neurons; every transform hears of them after this step's updates."""
         if changed:
             self.replaced.append((changed, neurons))
@@ -177,9 +177,11 @@ def build_base(base: BaseSpec, model: nn.Module, params: list | None, lr: float,
     if isinstance(base, str):
         from ribbed.optim import build_optimizer
 
-        owner = model if params is None else types.SimpleNamespace(parameters=lambda: params)
+        # explicit params: a stand-in whose parameters() are them, in the model's place
+        owner = model if params is None else cast(nn.Module, types.SimpleNamespace(parameters=lambda: params))
         return build_optimizer(base, owner, lr=lr, **options)
-    return base(list(model.parameters()) if params is None else params, lr=lr, **options)
+    factory: Callable[..., torch.optim.Optimizer] = base  # an optimiser class is one such callable
+    return factory(list(model.parameters()) if params is None else params, lr=lr, **options)
 
 
 def check_transposed(layers: list[NeuronLayer], specs: Sequence[TransformSpec]) -> None:
@@ -234,7 +236,7 @@ class NeuronChain(torch.optim.Optimizer):
                                                              transposed=True) if transforms else [])
         check_transposed(self.layers, transforms)
         self.n_neurons = sum(layer.n for layer in self.layers)
-        self.neuron_params = [p for layer in self.layers for p in layer.params]
+        self.neuron_params: list[torch.Tensor] = [p for layer in self.layers for p in layer.params]
         self.neuron_report = (coverage_report(type(self).__name__, self.neuron_params, param_list,
                                               "in neuron layers") if self.layers else "")
         self._step_count = 0
@@ -335,7 +337,7 @@ class NeuronChain(torch.optim.Optimizer):
         finally:
             self._timings = None
 
-    def trial_update(self, before: dict[nn.Parameter, torch.Tensor]) -> None:
+    def trial_update(self, before: dict[torch.Tensor, torch.Tensor]) -> None:
         """This step's update from the weights ``before``, for selection's trial steps."""
         if self.modulator is not None:
             self.modulator.trial_update(before)

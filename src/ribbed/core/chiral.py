@@ -111,7 +111,7 @@ class ChiralTerm:
                  signs: torch.Tensor | None = None):
         check_chiral_options(graph, neighbours)
         self.gamma, self.graph, self.k = gamma, graph, neighbours
-        self.structure: list[torch.Tensor] = []
+        self.structure: list[torch.Tensor | None] = []
         self.signs: torch.Tensor | None = None if signs is None else check_signs(signs)
         self.last: dict[str, float] = {}  # telemetry of the last sign selection
 
@@ -151,6 +151,7 @@ class ChiralTerm:
         apart from the rows written. The signs are read as Python integers, so ``gamma * 1`` is
         exactly ``gamma`` (the default is the single-handed term bit for bit).
         """
+        assert self.signs is not None, "refresh() sets the signs first"
         ring = self.graph != "knn"
         for layer, neighbours, sign in zip(layers, self.structure, self.signs.tolist(), strict=True):
             if neighbours is None:

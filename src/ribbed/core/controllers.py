@@ -159,6 +159,7 @@ class ControllerBank(nn.Module):
         controller's gradient is scaled by its attention weight.
         """
         if assignment.dim() == 2:
+            assert weights is not None, "a neuron's k controllers come with their weights"
             n, k = assignment.shape
             each = gathered_mlp(features.repeat_interleave(k, 0), assignment.flatten(),
                                 self.w1, self.b1, self.w2, self.b2)

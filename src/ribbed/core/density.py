@@ -266,8 +266,7 @@ class InformationDensity:
         ``z = 0``; the loss is zero before the first measurement.
         """
         score = self.values.get("mutual_information", self.values.get("entropy"))
-        known = None if score is None else score[~score.isnan()]
-        if known is None or known.numel() < 2:
+        if score is None or (known := score[~score.isnan()]).numel() < 2:
             return multiplier.sum() * 0
         z = ((score - known.mean()) / known.std().clamp_min(1e-8)).nan_to_num(0.0)
         return -(z.to(multiplier) * multiplier.log()).mean()

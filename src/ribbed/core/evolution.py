@@ -57,8 +57,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -187,7 +188,7 @@ class LossProbe:
     """
 
     def __init__(self, model: nn.Module, params: list[torch.Tensor], loss: Callable[[], torch.Tensor | float],
-                 recorders: list = (), grad_owners: list[torch.Tensor] | None = None):
+                 recorders: Sequence[Any] = (), grad_owners: list[torch.Tensor] | None = None):
         self.model, self.params, self.loss, self.recorders = model, params, loss, list(recorders)
         self.grad_owners = list(params if grad_owners is None else grad_owners)
         self.evaluations = 0
@@ -231,7 +232,7 @@ class LossProbe:
         self.evaluations += 1
         return value
 
-    def at(self, values: list[torch.Tensor]) -> float:
+    def at(self, values: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> float:
         """The loss with ``params`` set to ``values``."""
         with torch.no_grad():
             torch._foreach_copy_(self.params, values)
@@ -347,7 +348,7 @@ class GuidedES:
                  subspace: int, weight: float):
         self.layers = layers
         self.population, self.sigma, self.alpha, self.weight = population, sigma, alpha, weight
-        self.params = [p for layer in layers for p in layer.params]
+        self.params: list[torch.Tensor] = [p for layer in layers for p in layer.params]
         self.history = GradientHistory(layers, subspace)
         self.sizes = [row.shape[1] for row in self.history.rows]
         self.last: dict[str, float] = {}
@@ -358,7 +359,15 @@ class GuidedES:
 
     def record(self) -> int:
         """Push the current gradients into the history."""
-        return self.history.push([p.grad for p in self.params])
+        return self.history.push(self._grads())
+
+    def _grads(self) -> list[torch.Tensor]:
+        """Every parameter's gradient (callers check :meth:`ready` first)."""
+        grads = []
+        for p in self.params:
+            assert p.grad is not None, "GuidedES needs every layer's gradient (ready())"
+            grads.append(p.grad)
+        return grads
 
     def estimate(self, probe: LossProbe, generator: torch.Generator) -> list[torch.Tensor]:
         """Each layer's ES estimate ``ĝ`` (flat), from ``2 P`` evaluations of ``probe`` (already entered)."""
@@ -385,7 +394,7 @@ class GuidedES:
         scales = (self.weight * grad_norms / estimate_norms.clamp_min(1e-30)).tolist()
         torch._foreach_mul_(estimates, scales)
         additions = [v for layer, e in zip(self.layers, estimates, strict=True) for v in layer_views(layer, e)]
-        grads = [p.grad for p in self.params]
+        grads = self._grads()
         torch._foreach_mul_(grads, 1 - self.weight)
         torch._foreach_add_(grads, additions)
         self.last["es_cosine"] = float(cosines.mean())
@@ -554,6 +563,7 @@ def evolve_chirality(chiral: ChiralTerm, layers: list[NeuronLayer], probe: LossP
         finally:
             snapshot.restore()
 
+    assert chiral.signs is not None, "chiral.refresh() sets the signs first"
     incumbent = chiral.signs.clone()
     try:
         result = select(incumbent, population, loss_of, sign_flip_mutation(max_flips), generator)

@@ -63,8 +63,8 @@ def _cos(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Ten
 
 def neuron_features(
     layers: list[NeuronLayer],
-    prev: dict[torch.nn.Parameter, torch.Tensor],
-    momentum: dict[torch.nn.Parameter, torch.Tensor],
+    prev: dict[torch.Tensor, torch.Tensor],
+    momentum: dict[torch.Tensor, torch.Tensor],
     surprise: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw features ``[N, len(FEATURE_NAMES)]`` and the per-neuron hypergradient cosine ``[N]``.
@@ -90,14 +90,14 @@ def neuron_features(
     return features, features[:, FEATURE_NAMES.index("hypergradient")].clone()
 
 
-def _gradient_columns(layer: NeuronLayer, prev: dict[torch.nn.Parameter, torch.Tensor],
-                      momentum: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
+def _gradient_columns(layer: NeuronLayer, prev: dict[torch.Tensor, torch.Tensor],
+                      momentum: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """One layer's ``log_grad_norm``, ``log_update_ratio``, ``momentum_agreement`` and
     ``hypergradient`` columns ``[n, 4]`` (the features that read the layer's weight rows)."""
     grad = layer.grad_pair()
     weight = layer.own_pair()
     previous = layer.pair(prev)
-    update = (weight[0] - previous[0], None if weight[1] is None else weight[1] - previous[1])
+    update = (weight[0] - previous[0], None if weight[1] is None or previous[1] is None else weight[1] - previous[1])
     g_sq, d_sq, w_sq = _row_sq(grad), _row_sq(update), _row_sq(weight)
     hyper = _cos(row_dot(grad, update), g_sq, d_sq)
     if layer.weight in momentum:
@@ -125,7 +125,7 @@ class FeatureNormalizer:
 
     def update(self, features: torch.Tensor) -> None:
         mean, sq_mean = features.mean(0), features.pow(2).mean(0)
-        if self.mean is None:
+        if self.mean is None or self.sq_mean is None:
             self.mean, self.sq_mean = mean, sq_mean
         else:
             self.mean = self.mean.lerp(mean, 1 - self.momentum)
@@ -133,6 +133,7 @@ class FeatureNormalizer:
 
     def __call__(self, features: torch.Tensor, columns: list[int] | None = None) -> torch.Tensor:
         """The z-scored ``features`` (or of the given ``columns`` of the statistics)."""
+        assert self.mean is not None and self.sq_mean is not None, "update() gives the statistics first"
         mean, sq_mean = (self.mean, self.sq_mean) if columns is None else (self.mean[columns], self.sq_mean[columns])
         std = (sq_mean - mean.pow(2)).clamp_min(0).sqrt()
         return (features - mean) / std.clamp_min(1e-3)

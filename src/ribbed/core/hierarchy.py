@@ -183,7 +183,8 @@ def merge_close_clusters(points: torch.Tensor, assignment: torch.Tensor, centroi
     """
     k = centroids.shape[0]
     sizes = torch.bincount(assignment, minlength=k).to(centroids.dtype)
-    freed, events = [], []
+    freed: list[int] = []
+    events: list[Event] = []
     while True:
         distances = torch.cdist(centroids, centroids)
         inactive = sizes == 0
@@ -356,6 +357,7 @@ class ClusterHierarchy:
                     optimizer: torch.optim.Optimizer) -> None:
         """After a routing refresh: log the Lloyd step's moves, merge/split level 1 (moving
         controllers with their clusters), re-cluster the levels above, log every change."""
+        assert routing.assignment is not None, "called after a routing refresh"
         moved, clusters = _moves(self.ids[0] if self.ids else None, routing.assignment)
         events = [("move", clusters, moved)] if moved else []
         events += self._merge_and_split(routing, [bank.w1, bank.b1, bank.w2, bank.b2], optimizer)
@@ -367,6 +369,8 @@ class ClusterHierarchy:
                          optimizer: torch.optim.Optimizer) -> list[Event]:
         """Apply the merge and split rules to ``routing``'s clusters, then release the freed
         controllers no split took; ``rows``: the bank's per-controller parameters."""
+        assert (routing.trajectory is not None and routing.centroids is not None
+                and routing.assignment is not None), "called after a routing refresh"
         points, assignment = routing.trajectory, routing.assignment.clone()
         freed: list[int] = []
         events: list[Event] = []
@@ -393,11 +397,13 @@ class ClusterHierarchy:
     def _recluster(self, routing: OnlineKMeans, step: int) -> None:
         ids = routing.assignment
         centroids = routing.centroids
+        assert ids is not None and centroids is not None, "called after a routing refresh"
         weights = torch.bincount(ids, minlength=routing.k).to(centroids.dtype)
         new_ids = [ids]
         for index, level in enumerate(self.levels):
             parents = level.fit(centroids, weights, self.generator)
             weights = torch.zeros(level.k, dtype=weights.dtype, device=weights.device).index_add_(0, parents, weights)
+            assert level.centroids is not None, "fit() sets them"
             centroids, ids = level.centroids, parents[ids]
             new_ids.append(ids)
             moved, clusters = _moves(self.ids[index + 1] if len(self.ids) > index + 1 else None, ids)
@@ -414,8 +420,10 @@ class ClusterHierarchy:
         """Aggregate the clusters of every level for the higher-level controllers (kept until
         the next refresh, when the same inputs give the controllers their training signal)."""
         ids, units = routing.assignment, routing.k
+        assert ids is not None and routing.trajectory is not None, "called after a routing refresh"
         self.neuron_ids, self.pending = ids, []
         for level in self.levels:
+            assert level.assignment is not None, "restructure() fitted every level"
             summary = cluster_summary(features, routing.trajectory.to(features.dtype), ids, units)
             self.pending.append((summary, level.assignment))
             ids, units = level.assignment[ids], level.k
@@ -423,6 +431,7 @@ class ClusterHierarchy:
     def modulation(self) -> torch.Tensor:
         """Each neuron's product of higher-level factors ``[N]`` for the last summaries
         (differentiable in the modulators' parameters)."""
+        assert self.neuron_ids is not None, "summarise() first"
         factor = torch.ones(self.neuron_ids.shape[0], device=self.neuron_ids.device)
         ids = self.neuron_ids
         for (summary, parents), modulator in zip(self.pending, self.modulators, strict=True):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -85,9 +85,11 @@ class AdamHD(torch.optim.Optimizer):
                          dict(lr=lr, hypergrad_lr=hypergrad_lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._neuron_dim: dict[torch.Tensor, int] = {}  # the dim of a parameter that indexes its neurons
         for _, module, transposed in neuron_modules(model):
-            self._neuron_dim[module.weight] = 1 if transposed else 0
-            if module.bias is not None:
-                self._neuron_dim[module.bias] = 0
+            # torch types a module's attributes Tensor | Module; these modules' are parameters
+            self._neuron_dim[cast(torch.Tensor, module.weight)] = 1 if transposed else 0
+            bias = cast("torch.Tensor | None", module.bias)
+            if bias is not None:
+                self._neuron_dim[bias] = 0
         optimised = [p for group in self.param_groups for p in group["params"]]
         self.neuron_report = coverage_report("Adam-HD", [p for p in optimised if p in self._neuron_dim], optimised,
                                              "in neuron layers (one rate per neuron)")
@@ -107,6 +109,7 @@ class AdamHD(torch.optim.Optimizer):
 
     def _hypergradient(self, p: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``<g_t, u_{t-1}>`` per neuron of ``p`` (one value for any other parameter), in ``dtype``."""
+        assert p.grad is not None, "step() passes only parameters with a gradient"
         grad, direction = p.grad.to(dtype), direction.to(dtype)
         if self._neuron_dim.get(p) == 1:
             return torch.linalg.vecdot(grad, direction, dim=0)

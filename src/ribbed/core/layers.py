@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "ActivationStats", "IndexedHook", "NeuronLayer", "bin_indices", "binned_entropy", "coverage_report",
@@ -35,8 +38,10 @@ def is_transposed_linear(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W [in, out]``,
     a ``Linear`` stored transposed (recognised by name, so transformers need not be installed)."""
     cls = type(module)
-    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+    if not (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")):
+        return False
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2
 
 
 def neuron_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
@@ -59,7 +64,7 @@ def neuron_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     return found
 
 
-def coverage_report(owner: str, covered: list[torch.Tensor], params: list[torch.Tensor], what: str) -> str:
+def coverage_report(owner: str, covered: Sequence[torch.Tensor], params: Sequence[torch.Tensor], what: str) -> str:
     """One line saying which share of the optimised ``params`` lies in ``covered`` (the neuron
     layers' parameters); a warning when it is below :data:`SMALL_COVERAGE`, so a model whose
     layers the optimiser does not recognise does not silently get only its base."""
@@ -204,7 +209,7 @@ class NeuronLayer:
     bias: nn.Parameter | None
     offset: int
     stats: ActivationStats
-    handle: object = field(default=None, repr=False)
+    handle: RemovableHandle | None = field(default=None, repr=False)
     transposed: bool = False  # transformers' Conv1D: the weight is [in, out], neurons are its columns
 
     @property
@@ -242,7 +247,7 @@ class NeuronLayer:
     def params(self) -> list[nn.Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
-    def pair(self, tensors: dict[nn.Parameter, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def pair(self, tensors: dict[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight-shaped, bias-shaped)`` entries of ``tensors`` for this layer, neuron-major."""
         return self.rows(tensors[self.weight]), None if self.bias is None else tensors[self.bias]
 
@@ -257,12 +262,15 @@ def find_neuron_layers(model: nn.Module, params: set[nn.Parameter], *, bins: int
     layers: list[NeuronLayer] = []
     offset = 0
     for name, module, flipped in neuron_modules(model):
-        if module.weight not in params or (flipped and not transposed):
+        # torch types a module's attributes Tensor | Module; these modules' are parameters
+        weight = cast(nn.Parameter, module.weight)
+        if weight not in params or (flipped and not transposed):
             continue
-        bias = module.bias if module.bias is not None and module.bias in params else None
+        bias = cast("nn.Parameter | None", module.bias)
+        bias = bias if bias is not None and bias in params else None
         neuron_dim = -1 if isinstance(module, nn.Linear) or flipped else 1
-        layer = NeuronLayer(name, module, module.weight, bias, offset, ActivationStats(
-            module.weight.shape[1] if flipped else module.weight.shape[0], neuron_dim, bins=bins), transposed=flipped)
+        layer = NeuronLayer(name, module, weight, bias, offset, ActivationStats(
+            weight.shape[1] if flipped else weight.shape[0], neuron_dim, bins=bins), transposed=flipped)
         if hooks:
             layer.handle = module.register_forward_hook(layer.stats)
         layers.append(layer)

@@ -31,12 +31,12 @@ import warnings
 from typing import Any
 
 import torch
-from torch import nn
 
 from ribbed.checks import check_integer, check_number
 from ribbed.core.chain import NeuronChain, NeuronTransform, StepContext, TransformSpec, eagerly
 from ribbed.core.controllers import OBJECTIVES, PREDICTED, ControllerBank, ControllerOutputs
 from ribbed.core.coupling import build_router
+from ribbed.core.density import InformationDensity
 from ribbed.core.evolution import evolve_bank
 from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
 from ribbed.core.hierarchy import ClusterHierarchy, check_hierarchy_settings
@@ -90,7 +90,7 @@ def controllers(*, n_controllers: int = 4, controller_hidden: int = 16, controll
         raise ValueError("routing: got 'topk-attention' with hierarchical grouping (hierarchy_depth > 1, "
                          "merge_distance or split_spread); allowed: a strategy giving one controller per "
                          "neuron (dense, tree, lsh, sampled)")
-    options = dict(
+    options: dict[str, Any] = dict(
         n_controllers=n_controllers, hidden=controller_hidden, lr=controller_lr, max_multiplier=max_multiplier,
         objective=objective, signal=signal, trace_discount=trace_discount, signal_smoothing=signal_smoothing,
         multiplier_penalty=multiplier_penalty,
@@ -125,7 +125,8 @@ class NeuronControllers(NeuronTransform):
                  selection_every: int, selection_population: int, selection_sigma: float, density_reward: float):
         self.layers, self.base, self.generator = chain.layers, chain.base, chain.generator
         self.neuron_params, self.n_neurons = chain.neuron_params, chain.n_neurons
-        self.density = chain.transforms.get("density")
+        density = chain.transforms.get("density")
+        self.density = density if isinstance(density, InformationDensity) else None
         if density_reward and self.density is None:
             raise ValueError(f"density_reward: got {density_reward!r} without an information-density transform "
                              "before the controllers; allowed: 0 unless the density is measured (density_every)")
@@ -156,7 +157,7 @@ class NeuronControllers(NeuronTransform):
         self.surprise = torch.zeros(self.n_neurons)
         self._set_multiplier(torch.ones(self.n_neurons))
         self._lerp_weights: list[torch.Tensor] | None = None
-        self._scales: tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]] | None = None
+        self._scales: tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor]] | None = None
         self._pending: tuple[torch.Tensor, ...] | None = None
         self._routed_at = 0
         self._step = 0
@@ -198,7 +199,7 @@ class NeuronControllers(NeuronTransform):
                 eagerly(self._select, ctx)
             torch._foreach_lerp_(self.neuron_params, self.prev, self._lerp_weights)
 
-    def trial_update(self, before: dict[nn.Parameter, torch.Tensor]) -> None:
+    def trial_update(self, before: dict[torch.Tensor, torch.Tensor]) -> None:
         if self._direct_update(self._step):
             scaled_adamw_step(self.base, self._neuron_scales())
             return
@@ -210,7 +211,7 @@ class NeuronControllers(NeuronTransform):
         """Record activations on the steps before a refresh."""
         self._set_recording((ctx.step + 1) % self.feature_every == 0)
 
-    def on_replaced(self, changed: dict[nn.Parameter, torch.Tensor], neurons: torch.Tensor) -> None:
+    def on_replaced(self, changed: dict[torch.Tensor, torch.Tensor], neurons: torch.Tensor) -> None:
         """After a reset, the memory of the changed weights restarts at their new values (so the
         next features and signals see no jump that no update made)."""
         for param, prev in zip(self.neuron_params, self.prev, strict=True):
@@ -233,7 +234,7 @@ class NeuronControllers(NeuronTransform):
         for layer in self.layers:
             layer.stats.recording = on
 
-    def _momentum(self) -> dict[nn.Parameter, torch.Tensor]:
+    def _momentum(self) -> dict[torch.Tensor, torch.Tensor]:
         buffers = {}
         for p in self.neuron_params:
             state = self.base.state.get(p, {})
@@ -286,6 +287,7 @@ class NeuronControllers(NeuronTransform):
             if self.hierarchy is not None:
                 self.hierarchy.restructure(self.routing, step, self.bank, self.controller_optimizer)
         assignment = self.routing.assignment
+        assert assignment is not None, "routed above if never before"
         out = self.bank(inputs, *self.routing.controller_choice())
         if self.hierarchy is not None:
             self.hierarchy.summarise(inputs, self.routing)
@@ -319,6 +321,7 @@ class NeuronControllers(NeuronTransform):
                     signal: torch.Tensor | None) -> tuple[float, float]:
         """One Adam step of the bank (and hierarchy) on the multipliers it gave at the last
         refresh; returns the controller and prediction losses and sets the surprise."""
+        assert self._pending is not None, "trained only after a refresh set the multipliers"
         inputs, *routed = self._pending
         target = self.normalizer(raw[:, _PREDICTED_INDEX], _PREDICTED_INDEX)
         prediction_loss = 0.0
@@ -339,7 +342,7 @@ class NeuronControllers(NeuronTransform):
                 loss = loss + self.self_supervision_weight * prediction
                 prediction_loss = float(prediction.detach())
                 self.surprise = error.detach().abs().mean(1).cpu()
-            if self.density_reward:
+            if self.density_reward and self.density is not None:  # __init__ refused a reward without one
                 loss = loss + self.density_reward * self.density.reward_loss(out.multiplier)
             self.controller_optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -357,6 +360,7 @@ class NeuronControllers(NeuronTransform):
     def _select(self, ctx: StepContext) -> None:
         """Selection over the controller bank, each candidate scored on the loss after its trial
         step ``before + m (after - before)``; a mutant replaces the bank only if strictly better."""
+        assert self._pending is not None, "selection follows a refresh (_selecting)"
         inputs, *routed = self._pending
 
         def multiplier_of() -> torch.Tensor:
@@ -400,7 +404,7 @@ class NeuronControllers(NeuronTransform):
         update and the weights before it."""
         return not self._selecting(step) and supports_scaled_step(self.base)
 
-    def _neuron_scales(self) -> dict[nn.Parameter, torch.Tensor]:
+    def _neuron_scales(self) -> dict[torch.Tensor, torch.Tensor]:
         """The multipliers as per-neuron learning-rate scales by parameter, rebuilt only when
         the multipliers change (a refresh, a selection, a resume)."""
         if self._scales is None or self._scales[0] is not self.multiplier:

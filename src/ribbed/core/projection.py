@@ -72,7 +72,7 @@ class NeuronNormProjection:
         chosen = layers[:-1] if scope == "hidden" else list(layers)
         self.scope = scope
         self.names = [layer.name for layer in chosen]
-        self.weights = [layer.weight for layer in chosen]
+        self.weights: list[torch.Tensor] = [layer.weight for layer in chosen]
         if not self.weights:  # a projection that projects nothing would switch itself off unseen
             raise ValueError(f"norm_projection: scope {scope!r} selects no layer of this model (it has "
                              f"{len(layers)} optimised Linear/Conv layers); allowed: scope 'all', or a deeper model")

@@ -170,11 +170,11 @@ class NeuronResets:
         return self.activity[index] * outgoing.float()
 
     @torch.no_grad()
-    def step(self, step_count: int, generator: torch.Generator) -> dict[nn.Parameter, torch.Tensor]:
+    def step(self, step_count: int, generator: torch.Generator) -> dict[torch.Tensor, torch.Tensor]:
         """On check steps (``step_count``: steps taken, this one included), replace the chosen
         neurons. Returns ``{parameter: bool mask of the entries that changed}`` (empty when none
         did), and the replaced neurons' indices in each producer layer in :attr:`replaced`."""
-        changed: dict[nn.Parameter, torch.Tensor] = {}
+        changed: dict[torch.Tensor, torch.Tensor] = {}
         self.replaced = []
         count = 0
         for index, (producer, consumer, _) in enumerate(self.pairs):
@@ -216,7 +216,7 @@ class NeuronResets:
             self._warned_unrecorded = True
 
     def _replace(self, producer: NeuronLayer, consumer: NeuronLayer, neurons: torch.Tensor,
-                 generator: torch.Generator, changed: dict[nn.Parameter, torch.Tensor]) -> None:
+                 generator: torch.Generator, changed: dict[torch.Tensor, torch.Tensor]) -> None:
         bound = 1.0 / math.sqrt(producer.fan_in - (1 if producer.bias is not None else 0))
         rows = torch.zeros(producer.n, dtype=torch.bool, device=producer.weight.device)
         rows[neurons] = True

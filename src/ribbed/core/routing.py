@@ -71,6 +71,7 @@ class OnlineKMeans:
     def refresh(self, generator: torch.Generator) -> torch.Tensor:
         """Route the neurons to centroids, update the centroids; return ``[N]`` ids."""
         points = self.trajectory
+        assert points is not None, "observe() gives the features first"
         if self.centroids is None:
             self.centroids = kmeans_plus_plus(points, self.k, generator)
         self.router.prepare(self.centroids, generator)
@@ -100,7 +101,10 @@ class OnlineKMeans:
     def controller_choice(self) -> tuple[torch.Tensor, ...]:
         """The ``ControllerBank`` arguments after the features: ``(assignment,)``, or
         ``(controllers [N, k], weights [N, k])`` under top-k attention."""
-        return (self.assignment,) if self.mixture is None else self.mixture
+        if self.mixture is not None:
+            return self.mixture
+        assert self.assignment is not None, "refresh() routes the neurons first"
+        return (self.assignment,)
 
     def state_dict(self) -> dict:
         return {"trajectory": self.trajectory, "centroids": self.centroids,

@@ -27,6 +27,8 @@ are unaffected); :func:`supports_scaled_step` says whether a base optimiser qual
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 __all__ = ["scaled_adamw_", "scaled_adamw_step", "supports_scaled_step"]
@@ -48,7 +50,7 @@ def scaled_adamw_(
     eps: float,
     weight_decay: float,
     directions: bool = False,
-) -> list[torch.Tensor] | None:
+) -> Sequence[torch.Tensor] | None:
     """One AdamW step on ``params`` in place, parameter ``i`` at learning rate ``lr * scales[i]``.
 
     Args:
@@ -98,7 +100,7 @@ def supports_scaled_step(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def _state(optimizer: torch.optim.AdamW, param: torch.Tensor) -> dict:
+def _state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
     """``param``'s AdamW state, created as ``torch.optim.AdamW`` creates it (step on the CPU)."""
     state = optimizer.state[param]
     if not state:
@@ -109,7 +111,7 @@ def _state(optimizer: torch.optim.AdamW, param: torch.Tensor) -> dict:
     return state
 
 
-def scaled_adamw_step(optimizer: torch.optim.AdamW, scales: dict[torch.Tensor, torch.Tensor],
+def scaled_adamw_step(optimizer: torch.optim.Optimizer, scales: dict[torch.Tensor, torch.Tensor],
                       grads: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One step of ``optimizer`` (see :func:`supports_scaled_step`) with learning-rate scales.
 

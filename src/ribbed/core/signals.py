@@ -59,7 +59,7 @@ class StepSizeSignal:
                  smoothing: float = 0.9, rms_decay: float = 0.99):
         self.layers, self.kind = layers, kind
         self.discount, self.smoothing, self.rms_decay = discount, smoothing, rms_decay
-        self.params = [p for layer in layers for p in layer.params]
+        self.params: list[torch.Tensor] = [p for layer in layers for p in layer.params]
         self.average = [p.detach().clone() for p in self.params] if kind == "trace" else []
         n = sum(layer.n for layer in layers)
         device = self.params[0].device if self.params else "cpu"
@@ -68,7 +68,7 @@ class StepSizeSignal:
         self.refreshes = 0
 
     @torch.no_grad()
-    def raw(self, prev: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
+    def raw(self, prev: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``<g_i, h_i>`` per neuron ``[N]``: ``h`` the trace, or ``w - prev`` for ``one-step``."""
         if self.kind == "trace":
             reference = dict(zip(self.params, self.average, strict=True))
@@ -78,12 +78,12 @@ class StepSizeSignal:
         for layer in self.layers:
             grad = layer.grad_pair()
             ref = layer.pair(reference)
-            step = (layer.rows(layer.weight) - ref[0], None if layer.bias is None else layer.bias - ref[1])
+            step = (layer.rows(layer.weight) - ref[0], None if layer.bias is None or ref[1] is None else layer.bias - ref[1])
             columns.append(row_dot(grad, step))
         return torch.cat(columns).float()
 
     @torch.no_grad()
-    def update(self, prev: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
+    def update(self, prev: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Measure at this refresh, fold into the running RMS and the per-neuron average, and
         advance the trace; returns the smoothed normalised signal ``[N]``."""
         raw = self.raw(prev)  # under data parallelism gradients and weights agree on every rank, so does this
@@ -96,7 +96,7 @@ class StepSizeSignal:
         return self.smoothed / (1 - self.smoothing ** self.refreshes)
 
     @torch.no_grad()
-    def forget(self, changed: dict[torch.nn.Parameter, torch.Tensor], neurons: torch.Tensor) -> None:
+    def forget(self, changed: dict[torch.Tensor, torch.Tensor], neurons: torch.Tensor) -> None:
         """After a reset: the trace of every changed entry restarts at its new value, and the
         reset neurons' averaged signal at zero."""
         for param, average in zip(self.params, self.average, strict=True) if self.average else ():

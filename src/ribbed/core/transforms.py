@@ -30,7 +30,7 @@ from ribbed.core.chain import NeuronChain, NeuronTransform, StepContext, Transfo
 from ribbed.core.chiral import ChiralTerm, check_chiral_options
 from ribbed.core.density import InformationDensity
 from ribbed.core.evolution import GuidedES, evolve_chirality
-from ribbed.core.modulation import controllers
+from ribbed.core.modulation import NeuronControllers, controllers
 from ribbed.core.projection import NeuronNormProjection, check_projection_scope
 from ribbed.core.resets import NeuronResets, check_reset_options
 
@@ -106,7 +106,8 @@ class ChiralTransform(ChiralTerm, NeuronTransform):
                  selection_every: int, population: int):
         super().__init__(gamma, graph, neighbours)
         self.layers, self.generator, self.base = chain.layers, chain.generator, chain.base
-        self.controllers = chain.transforms.get("controllers")
+        controllers = chain.transforms.get("controllers")
+        self.controllers = controllers if isinstance(controllers, NeuronControllers) else None
         self.chain_update = chain.trial_update
         self.graph_every, self.selection_every, self.population = graph_every, selection_every, population
         self.needs_batch = bool(selection_every)

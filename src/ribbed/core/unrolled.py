@@ -38,7 +38,8 @@ start from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -206,7 +207,7 @@ class UnrolledTrainer:
     """The unrolled controller signal for a RIBBED optimiser's model, base and neuron layers."""
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, layers: list[NeuronLayer], steps: int,
-                 recorders: list = ()):
+                 recorders: Sequence[Any] = ()):
         self.model, self.layers, self.steps, self.recorders = model, layers, steps, list(recorders)
         self.rule = FunctionalBase(base, FlatParameters(model, base.param_groups))
         self.expand = neuron_scales(layers, self.rule.flat)

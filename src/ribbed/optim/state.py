@@ -34,11 +34,11 @@ StateDict = dict[str, Any]
 def hooked_state_dict(optimizer: torch.optim.Optimizer, build: Callable[[], StateDict]) -> StateDict:
     """``build()`` between ``optimizer``'s state-dict pre-hooks and post-hooks (a post-hook may
     return a replacement dict), as ``torch.optim.Optimizer.state_dict`` runs them."""
-    for hook in optimizer._optimizer_state_dict_pre_hooks.values():
-        hook(optimizer)
+    for pre_hook in optimizer._optimizer_state_dict_pre_hooks.values():
+        pre_hook(optimizer)
     state_dict = build()
-    for hook in optimizer._optimizer_state_dict_post_hooks.values():
-        result = hook(optimizer, state_dict)
+    for post_hook in optimizer._optimizer_state_dict_post_hooks.values():
+        result = post_hook(optimizer, state_dict)
         if result is not None:
             state_dict = result
     return state_dict
@@ -49,13 +49,13 @@ def hooked_load_state_dict(optimizer: torch.optim.Optimizer, state_dict: StateDi
     """``load(state_dict)`` between ``optimizer``'s load pre-hooks (each may return a replacement
     dict) and post-hooks, on a shallow copy as ``torch.optim.Optimizer.load_state_dict`` does."""
     state_dict = dict(state_dict)
-    for hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
-        result = hook(optimizer, state_dict)
+    for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(optimizer, state_dict)
         if result is not None:
             state_dict = result
     load(state_dict)
-    for hook in optimizer._optimizer_load_state_dict_post_hooks.values():
-        hook(optimizer)
+    for post_hook in optimizer._optimizer_load_state_dict_post_hooks.values():
+        post_hook(optimizer)
 
 
 def _check_free(entry: dict, key: str, index: Any) -> None:
