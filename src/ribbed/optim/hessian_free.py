@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -46,21 +47,29 @@ from ribbed.optim.registry import OptimizerError, register_optimizer
 __all__ = ["CGResult", "HessianFree", "conjugate_gradient", "gauss_newton_product"]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+# torch.func types vjp's and jvp's results as a pair or, with has_aux, a triple; these calls take no aux
+_VJP = tuple[Any, Callable[..., Any]]
+_JVP = tuple[Any, Any]
 
 
-def gauss_newton_product(flat: FlatParameters, x: torch.Tensor, y: torch.Tensor, loss_fn) -> MatVec:
+def gauss_newton_product(flat: FlatParameters, x: torch.Tensor, y: torch.Tensor,
+                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> MatVec:
     """``v -> Gv`` for the Gauss-Newton matrix of ``loss_fn(model(x), y)`` in the flat parameters."""
     params = flat.values()
     output = flat.output_fn(x)
+
+    def loss_of(out: torch.Tensor) -> torch.Tensor:
+        return loss_fn(out, y)
+
     with torch.enable_grad():
-        z, pullback = vjp(output, params)
+        z, pullback = cast(_VJP, vjp(output, params))
         # H u as a reverse-over-reverse product (H is symmetric); forward-over-reverse through
         # F.mse_loss fails in torch 2.13 ("ZeroTensors are immutable").
-        _, loss_hessian = vjp(grad(lambda out: loss_fn(out, y)), z.detach())
+        _, loss_hessian = cast(_VJP, vjp(grad(loss_of), z.detach()))
 
     def product(v: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
-            _, jv = jvp(output, (params,), (flat.unflatten(v),))
+            _, jv = cast(_JVP, jvp(output, (params,), (flat.unflatten(v),)))
             (hjv,) = loss_hessian(jv)
             (jthjv,) = pullback(hjv)
         return flat.flatten(jthjv, v.dtype)

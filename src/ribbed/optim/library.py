@@ -62,7 +62,8 @@ def muon_param_groups(model: nn.Module, adamw_params: Sequence[str]) -> list[dic
     """Muon's two groups: hidden matrices (``use_muon``) and the rest (embeddings, biases, gains,
     and parameters whose names match a pattern in ``adamw_params``, e.g. the output head)."""
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    muon, adamw = [], []
+    muon: list[nn.Parameter] = []
+    adamw: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -219,7 +219,7 @@ class TrustRatio(WrappedOptimizer):
 
     def _scale_gradients(self, group: dict, params: list[torch.Tensor]) -> None:
         """LARS: ``g <- ||w|| / (||g|| + beta ||w||) * (g + beta w)``."""
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if p.grad is not None]  # all of them: step() passes those with one
         beta = group["trust_weight_decay"]
         w_norm = torch.stack(torch._foreach_norm(params))
         ratios = self._ratios(params, w_norm, torch.stack(torch._foreach_norm(grads)) + beta * w_norm, group)

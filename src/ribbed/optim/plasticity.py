@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import ParamsT
 
 from ribbed.checks import check_integer, check_number
 from ribbed.optim.functional import closure_loss
@@ -96,8 +97,9 @@ def _check_int(field: str, value: Any, low: int) -> int:
 def _check_betas(field: str, betas: Any) -> tuple[float, float]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise OptimizerError(f"{field}: got {betas!r}; allowed: two numbers in [0, 1)")
-    return tuple(_check(f"{field}[{i}]", b, "a number in [0, 1)", lambda v: 0 <= v < 1)
-                 for i, b in enumerate(betas))
+    beta1, beta2 = (_check(f"{field}[{i}]", b, "a number in [0, 1)", lambda v: 0 <= v < 1)
+                    for i, b in enumerate(betas))
+    return beta1, beta2
 
 
 def _check_lr(lr: Any) -> float:
@@ -285,7 +287,7 @@ class UPGD(torch.optim.Optimizer):
         seed: seed of the noise generator (``None``: drawn from the global RNG).
     """
 
-    def __init__(self, params: ParamsArg, lr: float = 1e-5, weight_decay: float = 1e-3,
+    def __init__(self, params: ParamsT, lr: float = 1e-5, weight_decay: float = 1e-3,
                  beta_utility: float = 0.999, sigma: float = 1e-3, seed: int | None = None):
         defaults = {
             "lr": _check_lr(lr),

@@ -67,7 +67,7 @@ def list_optimizers() -> dict[str, str]:
     return OPTIMIZERS.describe()
 
 
-def _explicit_signature(cls: type) -> Callable:
+def _explicit_signature(cls: Callable) -> Callable:
     """A stand-in whose signature is ``cls``'s without ``**kwargs``.
 
     Some libraries' constructors take ``**kwargs`` and store unknown keys silently; checking
@@ -79,7 +79,7 @@ def _explicit_signature(cls: type) -> Callable:
     def options_of(*args, **kwargs):  # pragma: no cover - only its signature is read
         raise NotImplementedError
 
-    options_of.__signature__ = signature.replace(parameters=named)
+    options_of.__signature__ = signature.replace(parameters=named)  # type: ignore[attr-defined]
     return options_of
 
 
@@ -102,10 +102,10 @@ class _DeferredClass:
 
     @property
     def __signature__(self) -> inspect.Signature:  # read by inspect.signature (option checks)
-        return _explicit_signature(self.load()).__signature__
+        return inspect.signature(_explicit_signature(self.load()))
 
 
-def _class_factory(cls: type[torch.optim.Optimizer] | _DeferredClass, **defaults) -> OptimizerFactory:
+def _class_factory(cls: OptimizerFactory | _DeferredClass, **defaults) -> OptimizerFactory:
     def factory(model: nn.Module, lr: float, params: ParamsArg = None, **options):
         return cls(model.parameters() if params is None else params, lr=lr, **{**defaults, **options})
 
