@@ -40,7 +40,7 @@ forward pass during backward and would count a batch twice: use K-FAC without it
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,16 @@ def _is_supported(module: nn.Module) -> bool:
             and not isinstance(module.padding, str))
 
 
+def _weight(module: nn.Module) -> nn.Parameter:
+    """A supported layer's weight (torch types a module's attributes ``Tensor | Module``)."""
+    return cast(nn.Parameter, module.weight)
+
+
+def _bias(module: nn.Module) -> nn.Parameter | None:
+    """A supported layer's bias, or ``None``."""
+    return cast("nn.Parameter | None", module.bias)
+
+
 def kfac_layers(model: nn.Module) -> list[nn.Module]:
     """The layers K-FAC preconditions: ``Linear`` (also transformers' ``Conv1D``, a transposed
     ``Linear``), and ``Conv1d``/``Conv2d`` with one group and zero padding. A weight tied to an
@@ -91,6 +101,7 @@ def layer_inputs(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
             kernel, stride, padding, dilation = ((1, *module.kernel_size), (1, *module.stride),
                                                  (0, *module.padding), (1, *module.dilation))
         else:
+            assert isinstance(module, nn.Conv2d) and not isinstance(module.padding, str), "a supported layer"
             kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
         patches = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
         rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
@@ -109,10 +120,12 @@ def layer_output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
 def _grad_matrix(module: nn.Module) -> torch.Tensor:
     """Weight (and bias) gradient as one ``[out, in (+1)]`` matrix, matching :func:`layer_inputs`
     (a ``Conv1D``'s ``[in, out]`` gradient transposed)."""
-    weight = module.weight.grad
+    weight, bias = _weight(module).grad, _bias(module)
+    assert weight is not None, "called for layers with a gradient"
     grad = weight.t() if _transposed(module) else weight.reshape(weight.shape[0], -1)
-    if module.bias is not None:
-        grad = torch.cat([grad, module.bias.grad.unsqueeze(1)], dim=1)
+    if bias is not None:
+        assert bias.grad is not None, "a layer's bias has a gradient with its weight"
+        grad = torch.cat([grad, bias.grad.unsqueeze(1)], dim=1)
     return grad
 
 
@@ -170,7 +183,7 @@ class KFAC(WrappedOptimizer):
         from ribbed.core.layers import coverage_report
 
         self.neuron_report = coverage_report(
-            "K-FAC", [p for m in self.layers for p in (m.weight, m.bias) if p is not None], self._params(),
+            "K-FAC", [p for m in self.layers for p in (_weight(m), _bias(m)) if p is not None], self._params(),
             "in the layers it preconditions")
         self._pending: dict[nn.Module, dict[str, Any]] = {}
         self._hooks = [m.register_forward_hook(self._forward_hook) for m in self.layers]
@@ -182,7 +195,7 @@ class KFAC(WrappedOptimizer):
         self._pending.clear()
 
     def _collecting(self) -> bool:
-        steps = self.state[self.layers[0].weight].get("steps", 0)
+        steps = self.state[_weight(self.layers[0])].get("steps", 0)
         return steps % self.factor_every == 0
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -198,7 +211,7 @@ class KFAC(WrappedOptimizer):
                 "optimizer 'kfac': fp16 gradients carry the loss scale into the curvature factors; "
                 "allowed train.precision: fp32 or bf16"
             )
-        dtype = torch.promote_types(module.weight.dtype, torch.float32)
+        dtype = torch.promote_types(_weight(module).dtype, torch.float32)
         n = a.shape[0]
         inputs = layer_inputs(module, a.to(dtype))
         grads = layer_output_grads(module, g.to(dtype))
@@ -217,7 +230,7 @@ class KFAC(WrappedOptimizer):
         self._clip_and_write(preconditioned, group)
         step_inner(self.base)
         for module in self.layers:
-            state = self.state[module.weight]
+            state = self.state[_weight(module)]
             state["steps"] = state.get("steps", 0) + 1
         return loss
 
@@ -228,7 +241,7 @@ class KFAC(WrappedOptimizer):
         on module hooks); so do hooks of a model trained in eval mode or under ``no_grad``. All-zero
         gradients are not a training step (``torch.distributed.checkpoint`` steps once on zeros)."""
         if (self._pending or self._warned_unrecorded or not self._collecting()
-                or not any(bool(m.weight.grad.any()) for m in self.layers if m.weight.grad is not None)):
+                or not any(bool(g.any()) for g in (_weight(m).grad for m in self.layers) if g is not None)):
             return
         warnings.warn("optimizer 'kfac': no layer's hooks recorded a training forward and backward pass in this "
                       "step, so K-FAC collects no curvature and steps as its base optimiser. Build K-FAC before "
@@ -240,12 +253,12 @@ class KFAC(WrappedOptimizer):
         for module, pending in self._pending.items():
             k = pending["count"]
             batch = {"A": pending["A"] / k, "G": pending["S"] * k}
-            state = self.state[module.weight]
+            state = self.state[_weight(module)]
             for key, value in batch.items():
                 state[key] = value if key not in state else torch.lerp(value, state[key], decay)
         self._pending.clear()
         for module in self.layers:
-            state = self.state[module.weight]
+            state = self.state[_weight(module)]
             if "A" in state and ("QA" not in state or state.get("steps", 0) % self.inverse_every == 0):
                 self._refresh_inverse(state)
 
@@ -256,8 +269,8 @@ class KFAC(WrappedOptimizer):
             state[f"d{key}"], state[f"Q{key}"] = eigenvalues.clamp(min=0), eigenvectors
 
     def _precondition(self, module: nn.Module, damping: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        state = self.state[module.weight]
-        if module.weight.grad is None or "QA" not in state:
+        state = self.state[_weight(module)]
+        if _weight(module).grad is None or "QA" not in state:
             return None
         grad = _grad_matrix(module).to(state["QA"].dtype)
         rotated = state["QG"].T @ grad @ state["QA"]
@@ -268,16 +281,19 @@ class KFAC(WrappedOptimizer):
         done = [(m, pair) for m, pair in zip(self.layers, preconditioned, strict=True) if pair is not None]
         if not done:
             return
-        scale = 1.0
+        scale: float | torch.Tensor = 1.0
         if group["kl_clip"] is not None:
             vg = torch.stack([(new * grad).sum() for _, (grad, new) in done]).sum() * group["lr"] ** 2
             scale = torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp(min=1e-30)), max=1.0)
         for module, (_, new) in done:
             new = new * scale
-            rows = new if module.bias is None else new[:, :-1]
-            module.weight.grad.copy_(rows.t() if _transposed(module) else rows.reshape(module.weight.shape))
-            if module.bias is not None:
-                module.bias.grad.copy_(new[:, -1])
+            weight, bias = _weight(module), _bias(module)
+            assert weight.grad is not None, "a preconditioned layer has its gradient"
+            rows = new if bias is None else new[:, :-1]
+            weight.grad.copy_(rows.t() if _transposed(module) else rows.reshape(weight.shape))
+            if bias is not None:
+                assert bias.grad is not None, "a layer's bias has a gradient with its weight"
+                bias.grad.copy_(new[:, -1])
 
     def __getstate__(self) -> dict:
         """Everything, for ``copy.deepcopy`` and ``pickle`` (``torch.optim.Optimizer`` keeps only
