@@ -62,6 +62,6 @@ class StopAfter:
     def __init__(self, step: int):
         self.step = step
 
-    def on_step(self, step: int, loss: float) -> None:
-        if step > self.step:
+    def after_step(self, step: int, batch) -> None:
+        if step + 1 > self.step:  # step + 1 steps done
             raise KeyboardInterrupt

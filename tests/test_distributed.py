@@ -237,7 +237,7 @@ class FaultAt:
     def attach(self, parts):
         self.rank = parts.strategy.rank
 
-    def before_step(self, step):
+    def before_step(self, step, batch):
         import os
         import signal
 
@@ -246,7 +246,7 @@ class FaultAt:
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(600)
 
-    def after_step(self, step): ...
+    def after_step(self, step, batch): ...
 
     def metrics(self):
         return {}

@@ -301,9 +301,9 @@ class SaveControllers:
     def attach(self, parts):
         self.rank, self.optimizer, self.last = parts.strategy.rank, parts.optimizer, parts.config.train.steps - 1
 
-    def before_step(self, step): ...
+    def before_step(self, step, batch): ...
 
-    def after_step(self, step):
+    def after_step(self, step, batch):
         if step == self.last:
             from pathlib import Path
 

@@ -728,8 +728,8 @@ def test_an_interrupted_study_resumes_reusing_its_finished_runs(tmp_path):
             second = self.started == 2
 
             class Press:
-                def on_step(self, step, loss):
-                    if second and step == 12:
+                def after_step(self, step, batch):
+                    if second and step + 1 == 12:
                         os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the guard defers it to the step's end
             return Press()
 

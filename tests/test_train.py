@@ -152,13 +152,13 @@ class CounterPlugin(TrainingPlugin):
     def attach(self, parts):
         self.first = next(m for m in parts.model.modules() if isinstance(m, torch.nn.Linear))
 
-    def before_step(self, step):
+    def before_step(self, step, batch):
         assert step == self.before
         self.before += 1
         if self.freeze_first:
             self.first.weight.grad.zero_()
 
-    def after_step(self, step):
+    def after_step(self, step, batch):
         self.after += 1
 
     def metrics(self):

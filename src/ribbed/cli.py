@@ -106,9 +106,11 @@ class RichProgress:
         task = self._tasks[label] = self._progress.add_task(label, total=steps)
         progress = self._progress
 
-        class _Callback:
-            def on_step(self, step: int, loss: float) -> None:
-                progress.update(task, completed=step)
+        from ribbed.train.hooks import TrainingHook
+
+        class _Callback(TrainingHook):
+            def after_step(self, step: int, batch) -> None:
+                progress.update(task, completed=step + 1)
 
             def on_log(self, row: dict) -> None:
                 progress.update(task, loss=row["loss"], rate=row["steps_per_s"])
@@ -357,7 +359,7 @@ def _quiet_unless_main_rank() -> None:
 
 
 class _Messages:
-    """A training callback that prints what the loop reports (checkpoints skipped, resumed from)."""
+    """A training hook that prints what the loop reports (checkpoints skipped, resumed from)."""
 
     def on_message(self, text: str) -> None:
         console.print(text, highlight=False, markup=False)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ribbed.alternatives.common import check_positive_int
 from ribbed.nn.auxiliary import pop_aux_loss
-from ribbed.train import TrainingPlugin, register_plugin, task_loss
+from ribbed.train import StepBatch, TrainingPlugin, register_plugin, task_loss
 
 __all__ = ["GradientCosine", "gradient_cosine"]
 
@@ -62,6 +62,8 @@ class GradientCosine(TrainingPlugin):
         self.hidden = [i for i, p in enumerate(self.params) if id(p) not in in_head]
 
     def _true_gradient(self, step: int) -> list[torch.Tensor | None]:
+        """Backprop's gradient on the step's global batch, not the hook's ``batch`` (this
+        process's rows): under data parallelism the applied gradient is the mean over all rows."""
         x, y = self.parts.batches.batch(step)
         model = self.parts.model
         devices = [self.parts.device] if self.parts.device.type == "cuda" else []
@@ -71,7 +73,7 @@ class GradientCosine(TrainingPlugin):
         total = loss if aux is None else loss + aux
         return list(torch.autograd.grad(total.float(), self.params, allow_unused=True))
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int, batch: StepBatch) -> None:
         if step % self.every:
             return
         true = self._true_gradient(step)

@@ -32,7 +32,7 @@ from ribbed.config import RunConfig
 from ribbed.data import Dataset
 from ribbed.memory.peak import track_peak_memory
 from ribbed.memory.saved import track_saved_tensors
-from ribbed.train import build_run, task_loss, train
+from ribbed.train import StepBatch, TrainingHook, build_run, task_loss, train
 
 __all__ = ["StepProfile", "profile_training"]
 
@@ -54,14 +54,14 @@ class StepProfile:
         return asdict(self)
 
 
-class _StepTimes:
-    """A training-loop callback that records the interval between consecutive steps."""
+class _StepTimes(TrainingHook):
+    """A training hook that records the interval between consecutive steps."""
 
     def __init__(self) -> None:
         self.last: float | None = None
         self.intervals: list[float] = []
 
-    def on_step(self, step: int, loss: float) -> None:
+    def after_step(self, step: int, batch: StepBatch) -> None:
         now = time.perf_counter()
         if self.last is not None:
             self.intervals.append(now - self.last)

@@ -42,10 +42,9 @@ from torch import nn
 from ribbed.core.density import InformationDensity, check_density_options
 from ribbed.core.layers import find_neuron_layers
 from ribbed.nn.activations import ActivationMixture
-from ribbed.plugins.density import label_of_step
 from ribbed.sparse.plugin import MaskedWeightsPlugin, check_fraction
 from ribbed.sparse.rigl import drop_and_grow
-from ribbed.train import register_plugin
+from ribbed.train import StepBatch, register_plugin
 
 __all__ = ["GUIDES", "StructureAdaptation", "adapt_layer", "cubic_sparsity", "mixture_summary", "neuron_rank"]
 
@@ -159,7 +158,6 @@ class StructureAdaptation(MaskedWeightsPlugin):
 
     def attach(self, parts) -> None:
         super().attach(parts)
-        self.parts = parts
         steps = parts.config.train.steps
         self.start, self.end = int(self.start_fraction * steps), max(1, int(self.end_fraction * steps))
         self.probe = None
@@ -176,21 +174,22 @@ class StructureAdaptation(MaskedWeightsPlugin):
     def target_sparsity(self, step: int) -> float:
         return cubic_sparsity(step, self.final_sparsity, self.start, self.end)
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int, batch: StepBatch) -> None:
         if self.is_update(step):
-            self._adapt(step)
-        super().before_step(step)
+            self._adapt(step, batch.y)
+        super().before_step(step, batch)
 
-    def after_step(self, step: int) -> None:
-        super().after_step(step)
+    def after_step(self, step: int, batch: StepBatch) -> None:
+        super().after_step(step, batch)
         if self.probe is not None:
             self.probe.arm(self.is_update(step + 1))
 
-    def _ranks(self, step: int) -> dict[str, torch.Tensor]:
-        """Each masked layer's neuron density ranks (empty for magnitude pruning)."""
+    def _ranks(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each masked layer's neuron density ranks, from the outputs kept on the batch of
+        ``labels`` (empty for magnitude pruning)."""
         if self.probe is None:
             return {}
-        self.probe.observe_labels(label_of_step(self.parts, step))
+        self.probe.observe_labels(labels)
         if not self.probe.measure():
             return {}
         values = self.probe.values
@@ -199,9 +198,9 @@ class StructureAdaptation(MaskedWeightsPlugin):
         return {name: neuron_rank(density[rows]) for name, rows in self.probe.layer_slices().items()}
 
     @torch.no_grad()
-    def _adapt(self, step: int) -> None:
+    def _adapt(self, step: int, labels: torch.Tensor) -> None:
         sparsity = self.target_sparsity(step)
-        ranks = self._ranks(step)
+        ranks = self._ranks(labels)
         regrow = self.regrow_fraction if step < self.end else 0.0
         new_masks = []
         for name, param, mask in zip(self.masks.module_names, self.masks.params, self.masks.masks, strict=True):

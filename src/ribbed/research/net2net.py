@@ -47,7 +47,7 @@ from torch import nn
 
 from ribbed.data import Split
 from ribbed.nn.mlp import ACTIVATIONS
-from ribbed.train import Precision, TrainingPlugin, evaluate, register_plugin
+from ribbed.train import Precision, StepBatch, TrainingPlugin, evaluate, register_plugin
 
 __all__ = ["Growth", "Net2NetGrowth", "deepen", "linear_chain", "widen"]
 
@@ -256,7 +256,7 @@ class Net2NetGrowth(TrainingPlugin):
         self.since_best += 1
         return self.since_best >= self.patience
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, batch: StepBatch) -> None:
         done = step + 1
         if done in self.at_steps:
             self.grow(done)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ribbed.sparse.plugin import MaskedWeightsPlugin, check_fraction
-from ribbed.train import register_plugin
+from ribbed.train import StepBatch, register_plugin
 
 __all__ = ["LotteryTicket", "global_magnitude_prune"]
 
@@ -102,8 +102,8 @@ class LotteryTicket(MaskedWeightsPlugin):
         self.optimizer.load_state_dict(copy.deepcopy(self.snapshot["optimizer"]))
         self.scheduler.load_state_dict(self.snapshot["scheduler"])
 
-    def after_step(self, step: int) -> None:
-        super().after_step(step)
+    def after_step(self, step: int, batch: StepBatch) -> None:
+        super().after_step(step, batch)
         done = step + 1
         if done == self.rewind_step:
             self._take_snapshot()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ribbed.nn.moe import MoEFeedForward
-from ribbed.train import TrainingPlugin, register_plugin
+from ribbed.train import StepBatch, TrainingPlugin, register_plugin
 
 __all__ = ["MoELoad"]
 
@@ -41,7 +41,7 @@ class MoELoad(TrainingPlugin):
         self.steps = 0
 
     @torch.no_grad()
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, batch: StepBatch) -> None:
         load = torch.stack([layer.expert_load for layer in self.layers])
         self.sums["load"] = self.sums["load"] + load
         for key, attribute in (("dropped", "dropped_fraction"), ("balance", "balance_loss"),

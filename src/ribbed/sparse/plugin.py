@@ -8,7 +8,7 @@ from typing import Any
 
 from ribbed.sparse.flops import count_training_flops
 from ribbed.sparse.masks import WeightMasks
-from ribbed.train import TrainingPlugin
+from ribbed.train import StepBatch, TrainingPlugin
 
 __all__ = ["MaskedWeightsPlugin", "check_fraction"]
 
@@ -40,10 +40,10 @@ class MaskedWeightsPlugin(TrainingPlugin):
         batch = parts.dataset.train.x[: parts.config.data.batch_size].to(parts.device)
         self.flops = count_training_flops(parts.model, batch, self.masks.module_names)
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int, batch: StepBatch) -> None:
         self.masks.apply_to_grads()
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, batch: StepBatch) -> None:
         self.masks.apply_to_weights()
 
     def metrics(self) -> dict[str, float]:

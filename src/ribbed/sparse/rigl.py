@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ribbed.sparse.plugin import MaskedWeightsPlugin, check_fraction
-from ribbed.train import register_plugin
+from ribbed.train import StepBatch, register_plugin
 
 __all__ = ["RigL", "erk_densities", "random_masks"]
 
@@ -119,10 +119,10 @@ class RigL(MaskedWeightsPlugin):
         """``f(t)``: the fraction of live connections replaced at step ``t``."""
         return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.stop_step))
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int, batch: StepBatch) -> None:
         if 0 < step < self.stop_step and step % self.update_every == 0:
             self._rewire(step)
-        super().before_step(step)
+        super().before_step(step, batch)
 
     @torch.no_grad()
     def _rewire(self, step: int) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ribbed.train import TrainingPlugin, register_plugin
+from ribbed.train import StepBatch, TrainingPlugin, register_plugin
 
 __all__ = ["TopKGradients", "topk_with_feedback"]
 
@@ -69,7 +69,7 @@ class TopKGradients(TrainingPlugin):
             self.residual = torch.zeros(size, dtype=self.params[0].dtype, device=self.params[0].device)
 
     @torch.no_grad()
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int, batch: StepBatch) -> None:
         if self.dense:
             return
         for param in self.params:

@@ -8,6 +8,7 @@ from ribbed.train.gradients import (
     list_gradient_methods,
     register_gradient_method,
 )
+from ribbed.train.hooks import StepBatch, TrainingHook
 from ribbed.train.loop import Callback, RunParts, TrainResult, build_run, evaluate, task_loss, train
 from ribbed.train.plugins import TrainingPlugin, build_plugin, list_plugins, register_plugin
 from ribbed.train.precision import Precision
@@ -19,7 +20,9 @@ __all__ = [
     "Precision",
     "RunParts",
     "Sampler",
+    "StepBatch",
     "TrainResult",
+    "TrainingHook",
     "TrainingPlugin",
     "build_gradient_method",
     "build_plugin",

@@ -12,8 +12,9 @@ target" measures training only.
 
 Plug-in points rather than copies: the gradient method (``ribbed.train.gradients``), the
 optimiser (``ribbed.optim``), the batch sampler (``ribbed.train.batches``), training
-plug-ins that act before and after each step (``ribbed.train.plugins``), the precision
-policy, callbacks, and the run record/trackers.
+hooks that act before and after each step and observe logs and evaluations (one family,
+``ribbed.train.hooks``: the registry plug-ins of ``train.plugins`` and the callbacks given to
+:func:`train`), the precision policy, and the run record/trackers.
 
 Distribution is a strategy (``ribbed.distributed``, from ``train.distributed``) called at
 fixed points: it wraps the model and builds the optimiser, picks this rank's rows of each
@@ -29,7 +30,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +42,13 @@ from ribbed.distributed import Strategy, build_strategy
 from ribbed.extensions import load_extensions
 from ribbed.nn import build_model, set_checkpointing
 from ribbed.optim import build_optimizer
+from ribbed.optim.capabilities import needs_batch, telemetry
 from ribbed.optim.modes import evaluation_weights, has_evaluation_mode
 from ribbed.train.batches import Sampler, build_sampler
 from ribbed.train.checkpoint import CheckpointError, CheckpointStore, save_weights
 from ribbed.train.gradients import GradientMethod, build_gradient_method
 from ribbed.train.hardware import resolve_device, resolve_threads
+from ribbed.train.hooks import HookList, StepBatch, TrainingHook
 from ribbed.train.interrupts import InterruptGuard, TrainingInterrupted
 from ribbed.train.plugins import TrainingPlugin, build_plugin
 from ribbed.train.precision import Precision
@@ -58,19 +61,9 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "plugins", "rng"
                    "train_seconds", "history", "steps_to_target", "seconds_to_target")
 
 
-class Callback(Protocol):
-    """Observer of a run; every method is optional."""
-
-    def on_step(self, step: int, loss: float) -> None: ...
-
-    def on_eval(self, row: dict[str, float]) -> None: ...
-
-    def on_message(self, text: str) -> None: ...
-
-    def on_log(self, row: dict[str, float]) -> None:
-        """Every ``train.log_every`` steps and at the last: ``step``, ``steps`` (the total),
-        ``loss`` (mean since the last log), ``steps_per_s`` (wall clock, evaluations included,
-        as the user waits) and ``eta_s``."""
+Callback = TrainingHook
+"""What :func:`train` takes as ``callbacks``: a :class:`~ribbed.train.hooks.TrainingHook` (or
+any object with some of its hooks)."""
 
 
 @dataclass
@@ -262,7 +255,7 @@ def build_run(config: RunConfig, dataset: Dataset | None = None) -> RunParts:
         ),
         gradient_method, precision, device,
     )
-    if getattr(optimizer, "needs_batch", False) and not getattr(gradient_method, "keeps_batch", False):
+    if needs_batch(optimizer) and not getattr(gradient_method, "keeps_batch", False):
         raise ValueError(
             f"train.gradient_method: got {train_cfg.gradient_method!r} for optimizer.name "
             f"{config.optimizer.name!r}, which evaluates the loss on the step's batch; allowed: keep-batch"
@@ -334,12 +327,6 @@ def _reached(value: float, target) -> bool:
     return value >= target.value if target.mode == "max" else value <= target.value
 
 
-def _tell(callbacks: Sequence[Callback], text: str) -> None:
-    for callback in callbacks:
-        if hasattr(callback, "on_message"):
-            callback.on_message(text)
-
-
 def checkpoint_interval(config: RunConfig, strategy: Strategy) -> int | None:
     """Steps between checkpoints: ``train.checkpoint_every``, or ``eval_every`` for ``"eval"``
     (the default; ``None`` under a strategy that writes no checkpoints)."""
@@ -372,22 +359,22 @@ def _check_checkpoint(state: dict[str, Any], parts: RunParts) -> None:
                 f"weight {name!r} has shape {list(got.shape)}, this run's model has {list(tensor.shape)}")
 
 
-def _restore(parts: RunParts, store: CheckpointStore, callbacks: Sequence[Callback]) -> dict[str, Any] | None:
-    """Load the newest usable checkpoint of ``store`` into ``parts``; return its state.
+def _restore(parts: RunParts, store: CheckpointStore, hooks: HookList) -> dict[str, Any] | None:
+    """Load the newest usable checkpoint of ``store`` into ``parts`` and ``hooks``; return its state.
 
-    Damaged checkpoints are skipped (each named to ``callbacks``); a checkpoint that passed
-    its checks but does not load into the model still fails, naming the file.
+    Damaged checkpoints are skipped (each named to ``hooks.on_message``); a checkpoint that
+    passed its checks but does not load into the model still fails, naming the file.
     """
     loaded = store.load(lambda state: _check_checkpoint(state, parts))
     if loaded is None:
-        _tell(callbacks, f"no checkpoint in {store.directory}: starting from step 0")
+        hooks.on_message(f"no checkpoint in {store.directory}: starting from step 0")
         return None
     for message in loaded.skipped:
-        _tell(callbacks, f"skipped a damaged checkpoint: {message}")
+        hooks.on_message(f"skipped a damaged checkpoint: {message}")
     state, model, optimizer = loaded.state, parts.model, parts.optimizer
     try:
-        for plugin, plugin_state in zip(parts.plugins, state["plugins"], strict=True):
-            plugin.load_state_dict(plugin_state)  # first: a plug-in may reshape the model (growth)
+        hooks.load_plugin_states(state["plugins"])  # first: a plug-in may reshape the model (growth)
+        hooks.load_callback_states(state.get("callbacks", {}))
         parts.strategy.load_model_state_dict(model, state["model"])
         parts.strategy.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         parts.scheduler.load_state_dict(state["scheduler"])
@@ -398,7 +385,7 @@ def _restore(parts: RunParts, store: CheckpointStore, callbacks: Sequence[Callba
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         detail = " ".join(str(error).split())[:300]
         raise CheckpointError(f"checkpoint {loaded.path}: does not fit this run ({detail})") from None
-    _tell(callbacks, f"resuming from step {loaded.step} ({loaded.path})")
+    hooks.on_message(f"resuming from step {loaded.step} ({loaded.path})")
     return state
 
 
@@ -415,7 +402,8 @@ def train(
     Args:
         parts: what :func:`build_run` returned.
         record: a ``ribbed.runs.RunRecord``; ``None`` trains in memory only.
-        callbacks: observers (progress bars, extra metrics).
+        callbacks: hooks of this call (progress bars, extra metrics, anything per step;
+            ``ribbed.train.hooks``): attached here, then called after ``parts.plugins``.
         resume: continue from the record's last checkpoint (exactly, including RNG state).
         evaluate_test: evaluate on the test split at the end (tuning trials skip it).
     """
@@ -431,6 +419,8 @@ def train(
         store.remove_unlisted()  # temporary files of a process killed while writing
         record.remove_stray_files()
     checkpoint_every = checkpoint_interval(config, strategy)
+    hooks = HookList(parts.plugins, callbacks)
+    hooks.attach_callbacks(parts)
 
     step, train_seconds, history = 0, 0.0, []
     steps_to_target = seconds_to_target = diverged_at = None
@@ -438,7 +428,7 @@ def train(
     first_loss = None  # the first step's loss, the reference of train.divergence_factor
     state = None
     if resume and record is not None:
-        state = _restore(parts, CheckpointStore(strategy.checkpoint_path(record.checkpoint_dir)), callbacks)
+        state = _restore(parts, CheckpointStore(strategy.checkpoint_path(record.checkpoint_dir)), hooks)
     if record is not None:
         tracker = build_tracker(config.trackers, record)  # after the checks, so a refused resume opens none
     if state is not None:
@@ -465,7 +455,8 @@ def train(
             "optimizer": strategy.optimizer_state_dict(model, optimizer),
             "scheduler": parts.scheduler.state_dict(),
             "scaler": parts.precision.state_dict(),
-            "plugins": [plugin.state_dict() for plugin in parts.plugins],
+            "plugins": hooks.plugin_states(),
+            "callbacks": hooks.callback_states(),
             "gradient_method": (parts.gradient_method.state_dict()
                                 if hasattr(parts.gradient_method, "state_dict") else None),
             "rng": torch.get_rng_state(),
@@ -507,32 +498,26 @@ def train(
                 diverged_at = step
                 break
             first_loss = loss_value if first_loss is None else first_loss
-            if cfg.clip_grad_norm is not None or parts.plugins:
+            batch = StepBatch(x=x, y=y, loss=loss_value, micro_batches=cfg.grad_accum)
+            if cfg.clip_grad_norm is not None or hooks.touch_gradients:
                 parts.precision.unscale(optimizer)
-            for plugin in parts.plugins:
-                plugin.before_step(step)
+            hooks.before_step(step, batch)
             if cfg.clip_grad_norm is not None:
                 strategy.clip_grad_norm_(model, cfg.clip_grad_norm)
             parts.precision.step(optimizer)
             parts.scheduler.step()
-            for plugin in parts.plugins:
-                plugin.after_step(step)
+            hooks.after_step(step, batch)
             strategy.end_step(step, model, optimizer)
             step += 1
             train_seconds += time.perf_counter() - started
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
             log_loss, log_steps = log_loss + loss_value, log_steps + 1
-            for callback in callbacks:
-                if hasattr(callback, "on_step"):
-                    callback.on_step(step, loss_value)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 rate = log_steps / max(now - log_started, 1e-9)
                 log_row = {"step": step, "steps": cfg.steps, "loss": log_loss / log_steps,
                            "steps_per_s": rate, "eta_s": (cfg.steps - step) / rate}
-                for callback in callbacks:
-                    if hasattr(callback, "on_log"):
-                        callback.on_log(log_row)
+                hooks.on_log(log_row)
                 log_loss, log_steps, log_started = 0.0, 0, now
 
             if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -545,18 +530,14 @@ def train(
                     "val_loss": val["loss"],
                     "val_acc": val["acc"],
                 }
-                for plugin in parts.plugins:
-                    row.update(plugin.metrics())
+                row.update(hooks.metrics())
                 row.update(strategy.metrics())
-                if hasattr(optimizer, "telemetry"):
-                    row.update(optimizer.telemetry())
+                row.update(telemetry(optimizer))
                 window_loss, window_steps = 0.0, 0
                 history.append(row)
                 if tracker is not None:
                     tracker.log_metrics(row, step)
-                for callback in callbacks:
-                    if hasattr(callback, "on_eval"):
-                        callback.on_eval(row)
+                hooks.on_eval(row)
                 if (cfg.divergence_factor is not None and first_loss is not None
                         and row["train_loss"] > cfg.divergence_factor * first_loss):
                     diverged_at = step  # finite but exploding (train.divergence_factor)

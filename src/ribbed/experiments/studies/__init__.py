@@ -101,18 +101,22 @@ class StudyContext:
         """Iterate ``items`` with a progress bar (one tick per item)."""
         items = list(items) if total is None else items
         total = len(items) if total is None else total
-        callback = self.progress.start_run(label, total) if self.progress is not None else None
-        for done, item in enumerate(items, start=1):
+        import torch
+
+        from ribbed.train.hooks import HookList, StepBatch
+
+        hooks = HookList(callbacks=[self.progress.start_run(label, total)] if self.progress is not None else [])
+        no_batch = StepBatch(x=torch.empty(0), y=torch.empty(0), loss=0.0, micro_batches=0)  # items, not batches
+        for index, item in enumerate(items):
             yield item
-            if callback is not None:
-                callback.on_step(done, 0.0)
+            hooks.after_step(index, no_batch)
 
     def train(self, config: RunConfig, *, method: str, dataset=None, label: str | None = None,
               callbacks: Sequence = ()):
         """Train ``config`` as a child record of this study; returns ``(record, TrainResult)``.
 
-        ``callbacks`` are given the run's parts first (``callback.attach(parts)`` when they
-        have it), so they can read the model or optimiser while it trains.
+        ``callbacks`` are training hooks (``ribbed.train.hooks``): ``train`` attaches them to
+        the run's parts, so they can read the model or optimiser while it trains.
 
         When the study resumes (``resuming``), a run without ``callbacks`` that this study
         already finished with the same config is not trained again: its record and result
@@ -145,9 +149,6 @@ class StudyContext:
                 parent=self.record.id, method=method,
                 dataset=f"{config.data.name}/{config.model.name}", seed=config.seed,
             )
-        for callback in callbacks:
-            if hasattr(callback, "attach"):
-                callback.attach(parts)
         callbacks = list(callbacks)
         if self.progress is not None:
             callbacks.append(self.progress.start_run(label or method, config.train.steps))

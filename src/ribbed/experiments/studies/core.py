@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
@@ -32,6 +33,9 @@ from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.optimizer import RIBBED
 from ribbed.experiments.studies import FigureSpec, StudyResult, Table, register_study
 from ribbed.stats import mean_ci
+
+if TYPE_CHECKING:
+    from ribbed.train.hooks import StepBatch
 
 __all__ = ["coupling_scaling", "coupling_workload", "loglog_slope", "lr_sensitivity", "phase1", "time_coupling",
            "width_within"]
@@ -139,7 +143,7 @@ def phase1(context, *, learning_rates: tuple[float, ...] = (0.003, 0.05, 0.9), s
 
 
 class _NeuronSnapshots:
-    """Callback recording RIBBED's per-neuron state every ``every`` steps."""
+    """Training hook recording RIBBED's per-neuron state every ``every`` steps."""
 
     def __init__(self, every: int):
         self.every = every
@@ -149,7 +153,8 @@ class _NeuronSnapshots:
     def attach(self, parts) -> None:
         self.optimizer = parts.optimizer
 
-    def on_step(self, step: int, loss: float) -> None:
+    def after_step(self, step: int, batch: StepBatch) -> None:
+        step += 1  # steps done
         if step % self.every:
             return
         state = self.optimizer.neuron_state()
