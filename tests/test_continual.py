@@ -380,3 +380,19 @@ def test_an_unknown_optimiser_is_refused_before_anything_runs(tmp_path):
         run_study(config, runs_dir=tmp_path)
     (summary,) = tmp_path.glob("*/summary.json")  # the study's record says why it stopped
     assert json.loads(summary.read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("late_drop, claimed", [(0.05, True), (0.0005, False)])
+def test_a_loss_of_plasticity_is_claimed_only_when_the_drop_is_significant(late_drop, claimed):
+    """The study's finding about the baseline compares its early and late online accuracy over the
+    seeds with a Welch test: a drop within the seeds' noise is not called a loss of plasticity."""
+    from ribbed.continual.runner import OnlineRun
+    from ribbed.experiments.studies.continual import _findings
+
+    noise = [0.004, -0.003, 0.001, -0.002, 0.0]
+    runs = [OnlineRun("adamw", seed, 1e-3, online=[0.5] * 10 + [0.86 + e] * 10 + [0.5] * 70 + [0.86 - late_drop + e] * 10)
+            for seed, e in enumerate(noise)]
+    findings = _findings([], runs, "adamw", "max", "online accuracy", 0.1, False, None)
+    lost = [line for line in findings if "plasticity is lost" in line]
+    assert bool(lost) is claimed, findings
+    assert claimed or any("no significant loss of plasticity" in line for line in findings)

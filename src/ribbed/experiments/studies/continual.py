@@ -292,13 +292,17 @@ def _findings(rows, runs, baseline, mode, metric, fraction, tune, tuning) -> lis
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     base = [r for r in runs if r.method == baseline and r.status == "completed"]
     if base:
-        early = float(np.mean([early_fraction_mean(r.online, fraction) for r in base]))
-        last = float(np.mean([r.headline(fraction) for r in base]))
+        early_values = [early_fraction_mean(r.online, fraction) for r in base]
+        last_values = [r.headline(fraction) for r in base]
+        early, last = float(np.mean(early_values)), float(np.mean(last_values))
+        # a loss of plasticity is claimed only when the drop is significant over the seeds
+        p_value = stats.welch_test(early_values, last_values) if len(base) > 1 else math.nan
+        verdict = ("plasticity is lost on this stream, as published" if better(early, last) and p_value < 0.05
+                   else "no significant loss of plasticity at this size and horizon" if len(base) > 1
+                   else "one seed, so no test of a loss of plasticity")
         findings.append(
             f"{baseline}: {metric} {early:.4g} early (tasks {fraction:.0%}-{2 * fraction:.0%}) and {last:.4g} "
-            f"over the last {fraction:.0%} of tasks: "
-            + ("plasticity is lost on this stream, as published." if better(early, last)
-               else "no loss of plasticity at this size and horizon."))
+            f"over the last {fraction:.0%} of tasks (Welch p = {p_value:.3g} over {len(base)} seeds): {verdict}.")
     ranked = [r for r in rows if r["mean"] is not None]
     if ranked:
         best = max(ranked, key=lambda r: r["mean"]) if mode == "max" else min(ranked, key=lambda r: r["mean"])
