@@ -51,7 +51,8 @@ def main() -> None:
     else:
         neurons, controllers, fixed_n = [10 ** e for e in range(3, 7)], [4 ** e for e in range(1, 7)], 10 ** 5
     fixed_k = 64
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats; CPU {cpu_description()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats; "
+          f"CPU {cpu_description()}")
     print(f"\nN sweep at K={fixed_k}")
     by_n = sweep(strategies, [(n, fixed_k) for n in neurons], args.repeats)
     print(f"\nK sweep at N={fixed_n:,}")

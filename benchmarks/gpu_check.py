@@ -878,7 +878,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 _cell(row["peak_mib"], 0), _cell(row["memory_ratio"]), row["note"].replace("|", "/"),
             ]) + " |")
         if record["status"] != "ok":
-            message = record.get("error", {}).get("message", "") if record["status"] != "skipped" else record["notes"][-1]
+            message = (record.get("error", {}).get("message", "") if record["status"] != "skipped"
+                       else record["notes"][-1])
             lines.append(f"| {name} | (section) |  | {record['status']} |  |  |  |  | "
                          f"{message.splitlines()[0][:160].replace('|', '/') if message else ''} |")
     lines.append("")

@@ -111,7 +111,8 @@ def main() -> None:
             cand.append(time_steps(name, lr, options, initial, x, y, 1 if name in SLOW else args.warmup, iterations))
         base_step, base_iter = (min(t[k] for t in base) for k in (0, 1))
         step, iteration = (min(t[k] for t in cand) for k in (0, 1))
-        print(f"{name:18s} {step * 1e3:9.2f} {step / base_step:8.2f} {iteration * 1e3:9.2f} {iteration / base_iter:8.2f}")
+        print(f"{name:18s} {step * 1e3:9.2f} {step / base_step:8.2f} "
+              f"{iteration * 1e3:9.2f} {iteration / base_iter:8.2f}")
 
 
 if __name__ == "__main__":

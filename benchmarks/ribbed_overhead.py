@@ -82,7 +82,8 @@ def main() -> None:
             "ribbed (features every 10)": lambda m: RIBBED(m, lr=1e-3, feature_every=10, **ALL_ON),
         }
         if args.ablate:
-            builders.update({f"  ... {label}": lambda m, off=off: RIBBED(m, lr=1e-3, **{**ALL_ON, "feature_every": 10, **off})
+            builders.update({f"  ... {label}":
+                             lambda m, off=off: RIBBED(m, lr=1e-3, **{**ALL_ON, "feature_every": 10, **off})
                              for label, off in ABLATIONS.items()})
         # One copy of the model per optimiser: RIBBED's activation hooks must fire only in its
         # own steps, not in AdamW's (or another RIBBED's) forward passes.

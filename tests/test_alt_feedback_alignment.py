@@ -28,7 +28,8 @@ def _model(name: str, **options):
 
 def _batch():
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(16, 24, generator=generator, dtype=torch.float64), torch.randint(0, 5, (16,), generator=generator)
+    return (torch.randn(16, 24, generator=generator, dtype=torch.float64),
+            torch.randint(0, 5, (16,), generator=generator))
 
 
 @pytest.mark.parametrize("name, options", [("mlp", {"hidden": (12, 8)}), ("cnn1d", {"channels": 4})])

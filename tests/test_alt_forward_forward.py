@@ -60,7 +60,8 @@ def test_negatives_are_never_the_true_label():
     model = _model()
     y = torch.randint(0, 4, (500,))
     for negatives in ("hard", "random"):
-        labels = ForwardForward(negatives=negatives)._negative_labels(model(torch.randn(500, 2, 5, dtype=torch.float64)), y)
+        labels = ForwardForward(negatives=negatives)._negative_labels(
+            model(torch.randn(500, 2, 5, dtype=torch.float64)), y)
         assert (labels != y).all()
         assert len(labels.unique()) == 4
 

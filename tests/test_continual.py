@@ -390,7 +390,8 @@ def test_a_loss_of_plasticity_is_claimed_only_when_the_drop_is_significant(late_
     from ribbed.experiments.studies.continual import _findings
 
     noise = [0.004, -0.003, 0.001, -0.002, 0.0]
-    runs = [OnlineRun("adamw", seed, 1e-3, online=[0.5] * 10 + [0.86 + e] * 10 + [0.5] * 70 + [0.86 - late_drop + e] * 10)
+    runs = [OnlineRun("adamw", seed, 1e-3,
+                      online=[0.5] * 10 + [0.86 + e] * 10 + [0.5] * 70 + [0.86 - late_drop + e] * 10)
             for seed, e in enumerate(noise)]
     findings = _findings([], runs, "adamw", "max", "online accuracy", 0.1, False, None)
     lost = [line for line in findings if "plasticity is lost" in line]

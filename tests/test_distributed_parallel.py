@@ -266,7 +266,8 @@ def test_bad_tensor_parallel_settings_are_named():
         check_parallelisable(_gpt(n_head=4, n_embd=12), 3)
     with pytest.raises(ValueError, match=r"model.name: got MLP; allowed with strategy 'tensor': gpt"):
         check_parallelisable(_mlp(), 2)
-    with pytest.raises(ValueError, match=r"feed_forward: block 0 has MoEFeedForward; allowed with strategy 'tensor': mlp"):
+    with pytest.raises(ValueError,
+                       match=r"feed_forward: block 0 has MoEFeedForward; allowed with strategy 'tensor': mlp"):
         check_parallelisable(_gpt(feed_forward="moe"), 2)
     check_parallelisable(_gpt(), 2)
 
@@ -275,7 +276,8 @@ def test_model_splitting_strategies_refuse_what_they_do_not_support(tiny_config)
     from ribbed.core import RIBBED
     from ribbed.optim import build_optimizer
 
-    with pytest.raises(ValueError, match=r"optimizer.name: got 'ribbed' with strategy 'tensor'.*allowed with ribbed: strategy ddp"):
+    with pytest.raises(ValueError,
+                       match=r"optimizer.name: got 'ribbed' with strategy 'tensor'.*allowed with ribbed: strategy ddp"):
         require_whole_neurons(RIBBED(_mlp(), lr=0.01), "ribbed", "tensor")
     wrapped = build_optimizer("trust_ratio", _mlp(), lr=0.01, base="ribbed")  # declares what its base needs
     with pytest.raises(ValueError, match=r"optimizer.name: got 'trust_ratio' with strategy 'zero3'"):
@@ -285,7 +287,8 @@ def test_model_splitting_strategies_refuse_what_they_do_not_support(tiny_config)
         require_backprop_fp32(tiny_config(train={"precision": "bf16"}), "pipeline")
     config = tiny_config(train={"gradient_method": "forward-gradient",
                                 "distributed": {"strategy": "tensor"}})
-    with pytest.raises(ValueError, match=r"train.gradient_method: got 'forward-gradient'; allowed with strategy 'tensor'"):
+    with pytest.raises(ValueError,
+                       match=r"train.gradient_method: got 'forward-gradient'; allowed with strategy 'tensor'"):
         build_run(config, load_dataset("digits"))
 
 

@@ -235,7 +235,8 @@ def test_resumed_metrics_equal_the_uninterrupted_rows_between_evaluations(digits
 def test_a_full_disk_fails_the_run_in_one_line_and_keeps_the_last_checkpoint(digits, tmp_path):
     store = CheckpointStore(tmp_path / "checkpoints")
     store.save({"step": 1, "w": torch.zeros(10)}, 1)
-    config = RunConfig.model_validate({**_config().model_dump(), "model": {"name": "mlp", "options": {"hidden": [256, 256]}}})
+    config = RunConfig.model_validate({**_config().model_dump(),
+                                       "model": {"name": "mlp", "options": {"hidden": [256, 256]}}})
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
     try:

@@ -79,7 +79,8 @@ def test_a_step_moves_by_the_direct_solution():
     model, x, y = tiny_problem()
     damping = 0.5
     n = sum(p.numel() for p in model.parameters())
-    expected_step = torch.linalg.solve(explicit_gauss_newton(model, x, y) + damping * torch.eye(n), -flat_gradient(model, x, y))
+    expected_step = torch.linalg.solve(explicit_gauss_newton(model, x, y) + damping * torch.eye(n),
+                                       -flat_gradient(model, x, y))
     before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     optimizer = HessianFree(model, damping=damping, cg_max_iters=4 * n, cg_tol=0.0, warm_start=0.0,
                             adapt_damping=False, backtrack=False, line_search=False)

@@ -59,7 +59,8 @@ class TwoLayers(nn.Module):
 @table
 def test_conv1d_steps_exactly_like_the_equivalent_linear_in_float64(case):
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(16, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (16,), generator=generator))
+    batches = [(torch.randn(16, 6, generator=generator, dtype=torch.float64),
+                torch.randint(0, 3, (16,), generator=generator))
                for _ in range(10)]
     trained = []
     for linear in (False, True):

@@ -134,7 +134,8 @@ def test_the_step_solves_the_damped_kronecker_system():
     state = optimizer.state[model.weight]
     system = torch.kron(state["G"], state["A"]) + damping * torch.eye(gradient.numel())
     expected = before - torch.linalg.solve(system, gradient.reshape(-1)).reshape(gradient.shape)
-    torch.testing.assert_close(torch.cat([model.weight, model.bias[:, None]], 1).detach(), expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(torch.cat([model.weight, model.bias[:, None]], 1).detach(), expected,
+                               rtol=1e-8, atol=1e-10)
 
 
 def test_kl_clip_bounds_the_step():

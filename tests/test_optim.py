@@ -170,8 +170,10 @@ class Problem:
 def quadratic(dtype=torch.float64) -> Problem:
     """Least squares ``0.5 mean ||W x + b - y||²`` on fixed data; its optimum by ``lstsq``."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 4, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
-    y = x @ torch.randn(4, 3, generator=generator, dtype=torch.float64) + 0.1 * torch.randn(64, 3, generator=generator, dtype=torch.float64)
+    x = (torch.randn(64, 4, generator=generator, dtype=torch.float64)
+         * torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64))
+    y = (x @ torch.randn(4, 3, generator=generator, dtype=torch.float64)
+         + 0.1 * torch.randn(64, 3, generator=generator, dtype=torch.float64))
     design = torch.cat([x, torch.ones(64, 1, dtype=torch.float64)], dim=1)
     solution = torch.linalg.lstsq(design, y).solution  # [5, 3]: weight columns, then the bias row
     optimum = torch.cat([solution[:4].T.reshape(-1), solution[4]])
@@ -224,7 +226,8 @@ def test_reaches_the_quadratic_optimum(entry):
 def test_reaches_the_rosenbrock_minimum(entry):
     problem = rosenbrock()
     optimizer = build(entry, problem, entry.rosenbrock_lr)
-    run_steps(problem, optimizer, entry.rosenbrock_steps, decayed(optimizer, entry.rosenbrock_steps, entry.constant_rate))
+    run_steps(problem, optimizer, entry.rosenbrock_steps,
+              decayed(optimizer, entry.rosenbrock_steps, entry.constant_rate))
     assert problem.error() < ROSENBROCK_TOL
 
 
@@ -399,7 +402,8 @@ def _mlp():
 
 def test_layerwise_rules_set_rates_and_decay_first_match_wins():
     optimizer = build_optimizer("layerwise", _mlp(), lr=0.1, base="adamw", base_options={"weight_decay": 0.01},
-                                rules=[{"pattern": "2.*", "lr_scale": 0.1}, {"pattern": "*.bias", "weight_decay_scale": 0}])
+                                rules=[{"pattern": "2.*", "lr_scale": 0.1},
+                                       {"pattern": "*.bias", "weight_decay_scale": 0}])
     groups = {tuple(g["param_names"]): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
     assert groups == {("2.weight", "2.bias"): (pytest.approx(0.01), 0.01), ("0.bias",): (0.1, 0.0),
                       ("0.weight",): (0.1, 0.01)}
@@ -462,7 +466,8 @@ def test_trust_ratio_gradient_mode_is_lars():
     """SGD steps with ``||w|| / (||g|| + β||w||) (g + βw)`` for matrices, plain ``g`` for biases."""
     model, x, y = _mlp(), torch.randn(16, 2), torch.randn(16, 1)
     lr, beta = 0.1, 0.01
-    optimizer = TrustRatio(torch.optim.SGD(model.parameters(), lr=lr), mode="gradient", weight_decay=beta, max_ratio=None)
+    optimizer = TrustRatio(torch.optim.SGD(model.parameters(), lr=lr), mode="gradient", weight_decay=beta,
+                           max_ratio=None)
     before, grads, step = _one_step(optimizer, model, x, y)
     for name, delta in step.items():
         w, g = before[name], grads[name]
@@ -552,7 +557,8 @@ def test_precision_study_rejects_unknown_modes(tmp_path):
     from ribbed.experiments.studies import run_study
 
     config = StudyConfig(name="bad", study="precision", options={"modes": ["fp8"], "base": {}})
-    with pytest.raises(ValueError, match=r"options.modes: got \['fp8'\]; allowed: distinct values among fp32, bf16, fp16"):
+    with pytest.raises(ValueError,
+                       match=r"options.modes: got \['fp8'\]; allowed: distinct values among fp32, bf16, fp16"):
         run_study(config, runs_dir=tmp_path)
 
 

@@ -153,7 +153,8 @@ def test_filter_normalised_direction_matches_filter_norms():
 def test_slices_equal_the_loss_at_the_moved_weights_and_restore_them():
     model = _tiny_net()
     generator = torch.Generator().manual_seed(3)
-    data = Split(torch.randn(40, 3, generator=generator, dtype=torch.float64), torch.randint(0, 4, (40,), generator=generator))
+    data = Split(torch.randn(40, 3, generator=generator, dtype=torch.float64),
+                 torch.randint(0, 4, (40,), generator=generator))
     before = [p.detach().clone() for p in model.parameters()]
     d = filter_normalized_direction(model, generator=generator)
     e = filter_normalized_direction(model, generator=generator)
@@ -177,7 +178,8 @@ def test_interpolation_joins_the_two_models():
         for p in end.parameters():
             p.add_(0.5)
     generator = torch.Generator().manual_seed(4)
-    data = Split(torch.randn(30, 3, generator=generator, dtype=torch.float64), torch.randint(0, 4, (30,), generator=generator))
+    data = Split(torch.randn(30, 3, generator=generator, dtype=torch.float64),
+                 torch.randint(0, 4, (30,), generator=generator))
     curve = interpolation(start, end, data, torch.tensor([0.0, 1.0]), task="classification")
     precision = Precision("fp32", "cpu")
     for model, loss in zip((start, end), curve.loss.tolist(), strict=True):
@@ -218,7 +220,8 @@ def test_concrete_dropout_regularizer_matches_the_paper_and_its_entropy_term_pus
 
 
 def test_mlp_dropout_sets_each_layer_and_learns_its_rates(tiny_config, digits):
-    model = build_model("mlp-dropout", input_shape=(64,), num_classes=10, hidden=(32, 16), dropout=[0.0, 0.25, "concrete"])
+    model = build_model("mlp-dropout", input_shape=(64,), num_classes=10, hidden=(32, 16),
+                        dropout=[0.0, 0.25, "concrete"])
     assert [type(layer.dropout).__name__ for layer in (model.blocks[0][0], model.blocks[1][0], model.head)] == [
         "Dropout", "Dropout", "ConcreteDropout"]
     assert model.blocks[1][0].dropout.p == 0.25
@@ -343,7 +346,8 @@ def test_net2net_options_are_checked(tiny_config, digits):
     with pytest.raises(ValueError, match=r"net2net options: give at_steps, plateau_patience or both"):
         build_run(tiny_config(train={"plugins": [{"name": "net2net"}]}), digits)
     with pytest.raises(ValueError, match=r"net2net option operation: got 'prune'; allowed: widen, deepen"):
-        build_run(tiny_config(train={"plugins": [{"name": "net2net", "options": {"operation": "prune", "at_steps": [1]}}]}), digits)
+        build_run(tiny_config(train={"plugins": [{"name": "net2net",
+                                                  "options": {"operation": "prune", "at_steps": [1]}}]}), digits)
 
 
 # ----------------------------------------------------------------------------- the study

@@ -36,7 +36,8 @@ def _final(build) -> list[torch.Tensor]:
     ({}, [controllers()]),
     ({"norm_projection": "hidden", "chiral_gamma": 0.05, "reset_rate": 0.05, "reset_maturity": 5},
      [controllers(), chiral_term(0.05), neuron_resets(reset_rate=0.05, reset_maturity=5), norm_projection("hidden")]),
-    ({"controllers": False, "reset_rate": 0.05, "reset_maturity": 5}, [neuron_resets(reset_rate=0.05, reset_maturity=5)]),
+    ({"controllers": False, "reset_rate": 0.05, "reset_maturity": 5},
+     [neuron_resets(reset_rate=0.05, reset_maturity=5)]),
 ])
 def test_a_chain_of_constructors_is_ribbed_from_flat_options_bit_for_bit(flat, chain):
     ours = _final(lambda m: NeuronChain(m, lr=1e-2, transforms=chain))

@@ -193,7 +193,8 @@ def test_unknown_strategy_and_bad_options_name_the_field():
         RIBBED(model, routing="ring")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['depth'\] for 'tree'"):
         RIBBED(model, routing="tree", routing_options={"depth": 3})
-    with pytest.raises(ValueError, match=r"routing_options.k: got 5; allowed: an integer from 1 to n_controllers \(4\)"):
+    with pytest.raises(ValueError,
+                       match=r"routing_options.k: got 5; allowed: an integer from 1 to n_controllers \(4\)"):
         RIBBED(model, routing="topk-attention", routing_options={"k": 5})
     for name, options, field in [("lsh", {"tables": 0}, "tables"), ("sampled", {"fraction": 1.5}, "fraction"),
                                  ("sampled", {"scheme": "greedy"}, "scheme"), ("sampled", {"feature": "x"}, "feature"),
@@ -253,6 +254,7 @@ def test_sampled_ribbed_keeps_unsampled_multipliers_at_a_recoupling():
 def test_all_components_off_is_adamw_bit_for_bit_with_any_strategy(name):
     ours, theirs = _mlp(), _mlp()
     batches = _batches(100)
-    train_steps(ours, RIBBED(ours, lr=1e-2, controllers=False, routing=name, routing_options=OPTIONS.get(name)), batches)
+    train_steps(ours, RIBBED(ours, lr=1e-2, controllers=False, routing=name, routing_options=OPTIONS.get(name)),
+                batches)
     train_steps(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=True), batches)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))

@@ -216,7 +216,8 @@ def test_weighted_kmeans_matches_scikit_learn():
 def test_modulation_stays_within_its_bound(scale, bound, seed):
     generator = torch.Generator().manual_seed(seed)
     bank = ModulatorBank(3, F + 2, hidden=8, bound=bound, generator=generator)
-    summaries, parents = torch.randn(10, F + 2, generator=generator) * scale, torch.randint(0, 3, (10,), generator=generator)
+    summaries, parents = (torch.randn(10, F + 2, generator=generator) * scale,
+                          torch.randint(0, 3, (10,), generator=generator))
     assert torch.equal(bank(summaries, parents), torch.ones(10))  # starts as the identity
     with torch.no_grad():
         for param in bank.parameters():
@@ -259,7 +260,8 @@ def test_depth_three_trains_a_tiny_mlp_within_the_multiplier_bound():
     initial = [p.detach().clone() for p in optimizer.controllers.hierarchy.parameters()]
     losses = train_steps(model, optimizer, [(x, y)] * 120)
     assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
-    assert any(not torch.equal(a, b) for a, b in zip(initial, optimizer.controllers.hierarchy.parameters(), strict=True))
+    assert any(not torch.equal(a, b)
+               for a, b in zip(initial, optimizer.controllers.hierarchy.parameters(), strict=True))
     factor = optimizer.controllers.hierarchy.modulation()
     assert not torch.equal(factor, torch.ones_like(factor))
     bound = 4.0 * 2.0 ** 2  # max_multiplier * hierarchy_bound ** (depth - 1)
@@ -274,7 +276,8 @@ def test_depth_three_trains_a_tiny_mlp_within_the_multiplier_bound():
 
 def test_bad_settings_name_the_field():
     model = mlp()
-    for kwargs, field in [({"hierarchy_depth": 0}, "hierarchy_depth"), ({"hierarchy_branching": 1}, "hierarchy_branching"),
+    for kwargs, field in [({"hierarchy_depth": 0}, "hierarchy_depth"),
+                          ({"hierarchy_branching": 1}, "hierarchy_branching"),
                           ({"hierarchy_bound": 1.0}, "hierarchy_bound"), ({"merge_distance": -1.0}, "merge_distance"),
                           ({"split_spread": 0.0}, "split_spread"), ({"max_controllers": 2}, "max_controllers"),
                           ({"hierarchy_depth": 2, "routing": "topk-attention"}, "routing")]:

@@ -36,7 +36,8 @@ def _model() -> nn.Module:
 
 def _batches(n: int):
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(32, 8, generator=generator, dtype=torch.float64), torch.randint(0, 3, (32,), generator=generator))
+    return [(torch.randn(32, 8, generator=generator, dtype=torch.float64),
+             torch.randint(0, 3, (32,), generator=generator))
             for _ in range(n)]
 
 
@@ -61,7 +62,8 @@ def test_a_prechain_checkpoint_resumes_exactly(name):
     resumed.load_state_dict(saved["model"])
     optimizer = BUILDERS[name](resumed)
     optimizer.load_state_dict(saved["optimizer"])
-    assert optimizer._step_count == (0 if name == "norm-projected" else 25)  # NormProjected kept no count (it needs none)
+    # NormProjected kept no count (it needs none)
+    assert optimizer._step_count == (0 if name == "norm-projected" else 25)
     _train(resumed, optimizer, batches[25:])
     for mine, theirs in zip(resumed.parameters(), whole.parameters(), strict=True):
         assert torch.equal(mine, theirs)
@@ -73,5 +75,6 @@ def test_a_checkpoint_of_another_chain_is_refused_by_name():
     saved = torch.load(CHECKPOINTS, weights_only=True)["ribbed"]
     model = _model()
     optimizer = RIBBED(model, lr=1e-2)  # controllers only: no density, chiral, resets or projection
-    with pytest.raises(ValueError, match=r"saved by a chain of \['chiral', 'controllers', 'density', 'projection', 'resets'\]"):
+    with pytest.raises(ValueError,
+                       match=r"saved by a chain of \['chiral', 'controllers', 'density', 'projection', 'resets'\]"):
         optimizer.load_state_dict(saved["optimizer"])

@@ -101,7 +101,8 @@ def _layer_by_layer_features(layers, prev, momentum, surprise) -> torch.Tensor:
     """The feature matrix as first written: all nine columns stacked layer by layer."""
     rows = []
     for index, layer in enumerate(layers):
-        grad, weight, before = layer.pair({p: p.grad for p in layer.params}), (layer.weight, layer.bias), layer.pair(prev)
+        grad, weight, before = (layer.pair({p: p.grad for p in layer.params}), (layer.weight, layer.bias),
+                                layer.pair(prev))
         update = tuple(None if w is None else w - b for w, b in zip(weight, before, strict=True))
         g_sq, d_sq, w_sq = _row_sq(grad), _row_sq(update), _row_sq(weight)
         hyper = row_dot(grad, update) / (g_sq * d_sq).sqrt().clamp_min(1e-12)

@@ -72,7 +72,8 @@ def test_the_configurations_differ_from_each_other():
     recorded = json.loads(RECORD.read_text())
     final = {name: run["loss"][-1] for name, run in recorded.items()}
     for name in ("resets", "redo", "guided-es", "selection", "unrolled", "hierarchy", "knn-chiral", "metabp"):
-        assert not math.isclose(final[name], final["default"] if name != "hierarchy" else final["frozen"], rel_tol=1e-9), name
+        assert not math.isclose(final[name], final["default"] if name != "hierarchy" else final["frozen"],
+                                rel_tol=1e-9), name
 
 
 if __name__ == "__main__":

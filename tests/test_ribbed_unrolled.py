@@ -81,7 +81,8 @@ def test_meta_gradient_equals_central_finite_differences(name):
     meta, _ = _meta(optimizer, model, batches[1:], log_m, steps=3)
     h = 1e-6
     finite = torch.tensor([
-        (_meta(optimizer, model, batches[1:], log_m + h * e, 3)[1] - _meta(optimizer, model, batches[1:], log_m - h * e, 3)[1])
+        (_meta(optimizer, model, batches[1:], log_m + h * e, 3)[1]
+         - _meta(optimizer, model, batches[1:], log_m - h * e, 3)[1])
         / (2 * h) for e in torch.eye(8, dtype=torch.float64)
     ], dtype=torch.float64)
     torch.testing.assert_close(meta, finite, rtol=1e-6, atol=1e-9)
@@ -127,7 +128,8 @@ def test_meta_gradient_is_finite_where_adam_saw_only_zero_gradients():
     meta, _ = _meta(optimizer, model, batches, log_m, steps=2)
     assert torch.isfinite(meta).all()
     e, h = torch.eye(8, dtype=torch.float64)[0], 1e-6
-    finite = (_meta(optimizer, model, batches, log_m + h * e, 2)[1] - _meta(optimizer, model, batches, log_m - h * e, 2)[1]) / (2 * h)
+    finite = (_meta(optimizer, model, batches, log_m + h * e, 2)[1]
+              - _meta(optimizer, model, batches, log_m - h * e, 2)[1]) / (2 * h)
     assert float(meta[0]) == pytest.approx(finite, rel=1e-6, abs=1e-9)
 
 

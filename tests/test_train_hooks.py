@@ -99,7 +99,8 @@ def test_the_batch_a_hook_receives_is_the_batch_the_step_trained_on(tiny_config,
 
     trained = []
     accumulate = parts.gradient_method.accumulate
-    parts.gradient_method.accumulate = lambda model, x, y, *rest: trained.append((x, y)) or accumulate(model, x, y, *rest)
+    parts.gradient_method.accumulate = (lambda model, x, y, *rest:
+                                        trained.append((x, y)) or accumulate(model, x, y, *rest))
     result = train(parts, callbacks=[Batches()], evaluate_test=False)
     assert [step for step, _ in seen] == list(range(6))
     for step, batch in seen:

@@ -5,9 +5,10 @@ arXiv:2212.13345). The label is embedded in the input; each layer is trained to 
 *goodness* (here the mean of its squared activities) on positive data (an input with its
 true label) and low goodness on negative data (the same input with a wrong label), by the
 logistic loss ``softplus(-(g_pos - θ)) + softplus(g_neg - θ)``. Each layer normalises the
-length of its input vector (to ``sqrt(width)``, so entries keep unit scale), so only the direction of the previous layer's activity is
-passed on and a layer cannot pass its goodness up. Inference runs the network once per
-candidate label and picks the label with the highest goodness accumulated over the layers.
+length of its input vector (to ``sqrt(width)``, so entries keep unit scale), so only the
+direction of the previous layer's activity is passed on and a layer cannot pass its goodness up.
+Inference runs the network once per candidate label and picks the label with the highest
+goodness accumulated over the layers.
 (Hinton leaves the first layer out of the sum in his four-layer networks; in the two-layer
 networks we can afford here the first layer carries most of the signal, so all are summed.)
 

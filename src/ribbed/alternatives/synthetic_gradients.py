@@ -12,8 +12,9 @@ paper's best variant on MNIST and the default here.
 
 ``M_l`` is linear (the paper's simplest synthetic-gradient model) and starts at zero, as the
 paper initialises its output layer, so the first updates are zero. It has its own Adam
-optimiser, stepped once per micro-batch; the loop's optimiser steps the model. Predictors are built on the first step, when the block output sizes are
-known. Why our own: no maintained PyTorch library implements DNI.
+optimiser, stepped once per micro-batch; the loop's optimiser steps the model. Predictors
+are built on the first step, when the block output sizes are known. Why our own: no maintained
+PyTorch library implements DNI.
 
 Known limit: the predictors and their Adam state live in this object, which the training
 loop's checkpoints do not include, so a resumed run restarts them from zero.

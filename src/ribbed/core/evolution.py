@@ -375,7 +375,8 @@ class GuidedES:
         draws = [guided_perturbations(self.population, n, basis, self.alpha, self.sigma, generator,
                                       dtype=rows.dtype, device=rows.device)
                  for n, basis, rows in zip(self.sizes, bases, self.history.rows, strict=True)]
-        plus, minus = torch.empty(self.population, dtype=torch.float64), torch.empty(self.population, dtype=torch.float64)
+        plus, minus = (torch.empty(self.population, dtype=torch.float64),
+                       torch.empty(self.population, dtype=torch.float64))
         for i in range(self.population):
             offsets = [v for layer, draw in zip(self.layers, draws, strict=True) for v in layer_views(layer, draw[i])]
             plus[i], minus[i] = probe.at_offset(offsets, 1.0), probe.at_offset(offsets, -1.0)

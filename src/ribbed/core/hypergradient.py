@@ -167,7 +167,8 @@ class AdamHD(torch.optim.Optimizer):
             p = params[index]
             self.state[p] = {key: value.to(device=p.device, dtype=_scale_dtype(p) if key == "scale" else p.dtype)
                              if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
-        self.param_groups = [{**copy.deepcopy({k: v for k, v in mine.items() if k != "params"}), "params": group["params"]}
+        self.param_groups = [{**copy.deepcopy({k: v for k, v in mine.items() if k != "params"}),
+                              "params": group["params"]}
                              for mine, group in zip(saved, self.param_groups, strict=True)]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -5,9 +5,10 @@ channel of a convolution. transformers' ``Conv1D`` (GPT-2's attention and MLP pr
 ``Linear`` whose weight is stored transposed, ``[in, out]``: its neurons are weight *columns*,
 and :meth:`NeuronLayer.rows` gives every per-neuron computation the neuron-major view. A weight
 tied to an embedding (GPT-2's ``lm_head`` shares ``wte``) is not a layer of neurons (its rows
-are the vocabulary's embeddings) and steps as the plain base. Each :class:`NeuronLayer` keeps the layer's parameters, its place in
-the global neuron index (``offset``), and running statistics of its outputs collected by a
-forward hook. Every per-neuron quantity is computed for a whole layer at once on
+are the vocabulary's embeddings) and steps as the plain base. Each :class:`NeuronLayer` keeps
+the layer's parameters, its place in the global neuron index (``offset``), and running
+statistics of its outputs collected by a forward hook. Every per-neuron quantity is computed
+for a whole layer at once on
 ``[n_neurons, fan_in]`` views; the only Python loop is over layers (a handful per model).
 """
 

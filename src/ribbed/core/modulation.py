@@ -104,7 +104,8 @@ def controllers(*, n_controllers: int = 4, controller_hidden: int = 16, controll
         selection_every=selection_every, selection_population=selection_population,
         selection_sigma=selection_sigma, density_reward=density_reward,
     )
-    row_by_row = ("controller_training", controller_training, "'hypergradient'") if controller_training != "hypergradient" else None
+    row_by_row = (("controller_training", controller_training, "'hypergradient'")
+                  if controller_training != "hypergradient" else None)
     return TransformSpec("controllers", lambda chain: NeuronControllers(chain, **options),
                          activations=activation_features, row_by_row=row_by_row)
 

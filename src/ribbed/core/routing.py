@@ -1,7 +1,7 @@
 """Routing neurons to controllers: online k-means over the neurons' trajectory features.
 
-Centroids are seeded with k-means++. Each neuron's *trajectory feature* is an exponential moving average of its standardised
-feature vector, so neurons that have been learning alike share a controller. Every
+Centroids are seeded with k-means++. Each neuron's *trajectory feature* is an exponential
+moving average of its standardised feature vector, so neurons that have been learning alike share a controller. Every
 ``refresh`` the assignment is recomputed by the coupling strategy (a router of
 ``ribbed.core.coupling``; by default the exact nearest centroid, ``O(N K)`` with
 ``torch.cdist``) followed by one Lloyd update of the centroids; an empty cluster is

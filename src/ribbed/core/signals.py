@@ -78,7 +78,8 @@ class StepSizeSignal:
         for layer in self.layers:
             grad = layer.grad_pair()
             ref = layer.pair(reference)
-            step = (layer.rows(layer.weight) - ref[0], None if layer.bias is None or ref[1] is None else layer.bias - ref[1])
+            step = (layer.rows(layer.weight) - ref[0],
+                    None if layer.bias is None or ref[1] is None else layer.bias - ref[1])
             columns.append(row_dot(grad, step))
         return torch.cat(columns).float()
 

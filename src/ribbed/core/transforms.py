@@ -169,7 +169,8 @@ class ResetTransform(NeuronResets, NeuronTransform):
 
 
 def neuron_resets(*, reset_rate: float = 0.0, reset_threshold: float | None = None, reset_maturity: int = 100,
-                  reset_every: int = 1, reset_utility: str = "contribution", utility_decay: float = 0.99) -> TransformSpec:
+                  reset_every: int = 1, reset_utility: str = "contribution",
+                  utility_decay: float = 0.99) -> TransformSpec:
     """Utility-driven neuron resets: continual backprop's rate (``reset_rate``) and/or ReDo's
     dormancy threshold (``reset_threshold``), ``ribbed.core.resets``."""
     check_reset_options(reset_rate=reset_rate, reset_threshold=reset_threshold, reset_maturity=reset_maturity,

@@ -51,7 +51,8 @@ from ribbed.core.layers import NeuronLayer
 from ribbed.optim.batches import Batch, recorded_batches
 from ribbed.optim.functional import FlatParameters
 
-__all__ = ["CONTROLLER_TRAINING", "FunctionalBase", "check_unrolled_options", "UnrolledTrainer", "unrolled_meta_gradient"]
+__all__ = ["CONTROLLER_TRAINING", "FunctionalBase", "check_unrolled_options", "UnrolledTrainer",
+           "unrolled_meta_gradient"]
 
 CONTROLLER_TRAINING = ("hypergradient", "unrolled")
 Tensors = dict[str, torch.Tensor]

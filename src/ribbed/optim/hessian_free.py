@@ -258,7 +258,8 @@ class HessianFree(torch.optim.Optimizer):
         return 0.0
 
 
-@register_optimizer("hessian_free", "Hessian-free: CG on Gauss-Newton products with LM damping and CG backtracking (Martens 2010); needs train.gradient_method keep-batch",
+@register_optimizer("hessian_free", "Hessian-free: CG on Gauss-Newton products with LM damping and CG backtracking "
+                                    "(Martens 2010); needs train.gradient_method keep-batch",
                     signature_of=HessianFree)
 def build_hessian_free(model: nn.Module, lr: float, **options) -> HessianFree:
     """:class:`HessianFree` for ``model`` (the options are its keyword arguments)."""

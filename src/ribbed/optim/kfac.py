@@ -314,7 +314,8 @@ def _check(name: str, value: Any, valid: bool, allowed: str) -> None:
         raise OptimizerError(f"optimizer.options.{name}: got {value!r}; allowed: {allowed}")
 
 
-@register_optimizer("kfac", "K-FAC: Kronecker-factored Fisher preconditioning (Linear, Conv) in front of any base (Martens & Grosse 2015)")
+@register_optimizer("kfac", "K-FAC: Kronecker-factored Fisher preconditioning (Linear, Conv) in front of any base "
+                            "(Martens & Grosse 2015)")
 def build_kfac(
     model: nn.Module,
     lr: float,

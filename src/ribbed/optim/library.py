@@ -32,13 +32,18 @@ from ribbed.optim.wrapper import build_base
 
 __all__ = ["build_lookahead", "build_muon", "muon_param_groups"]
 
-register_optimizer_class("lion", "pytorch_optimizer.Lion", "Lion: sign of interpolated momentum (Chen et al. 2023; pytorch-optimizer)", foreach=True)
-register_optimizer_class("lamb", "pytorch_optimizer.Lamb", "LAMB: Adam with per-tensor trust ratio (You et al. 2020; pytorch-optimizer)", foreach=True)
-register_optimizer_class("lars", "pytorch_optimizer.LARS", "LARS: SGD with per-tensor trust ratio (You et al. 2017; pytorch-optimizer)", foreach=True)
-register_optimizer_class("adan", "pytorch_optimizer.Adan", "Adan: adaptive Nesterov momentum (Xie et al. 2022; pytorch-optimizer)", foreach=True)
+register_optimizer_class("lion", "pytorch_optimizer.Lion",
+                         "Lion: sign of interpolated momentum (Chen et al. 2023; pytorch-optimizer)", foreach=True)
+register_optimizer_class("lamb", "pytorch_optimizer.Lamb",
+                         "LAMB: Adam with per-tensor trust ratio (You et al. 2020; pytorch-optimizer)", foreach=True)
+register_optimizer_class("lars", "pytorch_optimizer.LARS",
+                         "LARS: SGD with per-tensor trust ratio (You et al. 2017; pytorch-optimizer)", foreach=True)
+register_optimizer_class("adan", "pytorch_optimizer.Adan",
+                         "Adan: adaptive Nesterov momentum (Xie et al. 2022; pytorch-optimizer)", foreach=True)
 
 
-@register_optimizer("lookahead", "Lookahead over any registered base: k fast steps, then pull slow weights (Zhang et al. 2019; pytorch-optimizer)")
+@register_optimizer("lookahead", "Lookahead over any registered base: k fast steps, then pull slow weights "
+                                 "(Zhang et al. 2019; pytorch-optimizer)")
 def build_lookahead(
     model: nn.Module,
     lr: float,
@@ -73,7 +78,8 @@ def muon_param_groups(model: nn.Module, adamw_params: Sequence[str]) -> list[dic
             if group["params"]]
 
 
-@register_optimizer("muon", "Muon for hidden weight matrices, AdamW for the rest (Jordan et al. 2024; pytorch-optimizer)")
+@register_optimizer("muon", "Muon for hidden weight matrices, AdamW for the rest "
+                            "(Jordan et al. 2024; pytorch-optimizer)")
 def build_muon(
     model: nn.Module,
     lr: float,

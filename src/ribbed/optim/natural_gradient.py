@@ -109,7 +109,8 @@ def fisher_rows(
         grads = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(
             params, inputs, targets.reshape(-1, *targets.shape[2:])
         )
-        return torch.cat([grads[n].reshape(len(inputs), -1).to(flat.compute_dtype) for n in flat.names], dim=1), len(inputs)
+        return (torch.cat([grads[n].reshape(len(inputs), -1).to(flat.compute_dtype) for n in flat.names], dim=1),
+                len(inputs))
 
 
 class NaturalGradient(WrappedOptimizer):
@@ -126,7 +127,8 @@ class NaturalGradient(WrappedOptimizer):
     Example:
         >>> from ribbed.optim import record_batch
         >>> model = nn.Linear(3, 2)
-        >>> opt = NaturalGradient(model, torch.optim.SGD(model.parameters(), lr=0.5), likelihood="gaussian", fisher="exact")
+        >>> opt = NaturalGradient(model, torch.optim.SGD(model.parameters(), lr=0.5),
+        ...                       likelihood="gaussian", fisher="exact")
         >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
         >>> loss_fn = lambda z, t: 0.5 * (z - t).square().sum(-1).mean()
         >>> loss_fn(model(x), y).backward(); record_batch(model, x, y, loss_fn); opt.step()
@@ -176,7 +178,8 @@ class NaturalGradient(WrappedOptimizer):
         return loss
 
 
-@register_optimizer("natural_gradient", "natural gradient with the damped mini-batch Fisher (empirical, sampled or exact), small nets (Amari 1998)")
+@register_optimizer("natural_gradient", "natural gradient with the damped mini-batch Fisher "
+                                        "(empirical, sampled or exact), small nets (Amari 1998)")
 def build_natural_gradient(
     model: nn.Module,
     lr: float,

@@ -62,7 +62,8 @@ class LayerRule:
     weight_decay_scale: float = 1.0
 
 
-def parse_rules(rules: Sequence[Mapping[str, Any] | LayerRule], field: str = "optimizer.options.rules") -> list[LayerRule]:
+def parse_rules(rules: Sequence[Mapping[str, Any] | LayerRule],
+                field: str = "optimizer.options.rules") -> list[LayerRule]:
     """Rules from config mappings; errors name ``field[i].key``, the value and what is allowed."""
     allowed = [f.name for f in fields(LayerRule)]
     parsed = []
@@ -72,7 +73,8 @@ def parse_rules(rules: Sequence[Mapping[str, Any] | LayerRule], field: str = "op
             continue
         where = f"{field}[{i}]"
         if not isinstance(rule, Mapping) or "pattern" not in rule:
-            raise OptimizerError(f"{where}: got {rule!r}; allowed: a mapping with keys {', '.join(allowed)} (pattern required)")
+            raise OptimizerError(f"{where}: got {rule!r}; "
+                                 f"allowed: a mapping with keys {', '.join(allowed)} (pattern required)")
         unknown = sorted(set(rule) - set(allowed))
         if unknown:
             raise OptimizerError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
@@ -81,7 +83,8 @@ def parse_rules(rules: Sequence[Mapping[str, Any] | LayerRule], field: str = "op
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise OptimizerError(f"{where}.{key}: got {value!r}; allowed: a number >= 0")
         if not isinstance(rule["pattern"], str) or not rule["pattern"]:
-            raise OptimizerError(f"{where}.pattern: got {rule['pattern']!r}; allowed: a non-empty glob pattern such as 'head.*'")
+            raise OptimizerError(f"{where}.pattern: got {rule['pattern']!r}; "
+                                 "allowed: a non-empty glob pattern such as 'head.*'")
         parsed.append(LayerRule(**rule))
     return parsed
 
@@ -106,7 +109,8 @@ def layerwise_param_groups(
         with empty groups left out. A rule that matches no parameter is an error (a typo).
 
     Example:
-        >>> groups = layerwise_param_groups(nn.Sequential(nn.Linear(2, 2)), [{"pattern": "*.bias", "lr_scale": 0}], lr=0.1)
+        >>> groups = layerwise_param_groups(nn.Sequential(nn.Linear(2, 2)),
+        ...                                 [{"pattern": "*.bias", "lr_scale": 0}], lr=0.1)
         >>> [(g["param_names"], g["lr"]) for g in groups]
         [(['0.bias'], 0.0), (['0.weight'], 0.1)]
     """
@@ -138,7 +142,8 @@ def layerwise_param_groups(
     return groups
 
 
-@register_optimizer("layerwise", "per-layer learning-rate and weight-decay multipliers by parameter-name pattern, over any base")
+@register_optimizer("layerwise", "per-layer learning-rate and weight-decay multipliers by parameter-name pattern, "
+                                 "over any base")
 def build_layerwise(
     model: nn.Module,
     lr: float,
@@ -192,7 +197,8 @@ class TrustRatio(WrappedOptimizer):
                                 "trust_max_ratio": max_ratio, "trust_adapt_1d": adapt_1d})
 
     @staticmethod
-    def _ratios(weights: list[torch.Tensor], w_norm: torch.Tensor, d_norm: torch.Tensor, group: dict) -> list[torch.Tensor]:
+    def _ratios(weights: list[torch.Tensor], w_norm: torch.Tensor, d_norm: torch.Tensor,
+                group: dict) -> list[torch.Tensor]:
         """``||w|| / d_norm`` per tensor; 1 where a norm is zero or the tensor is not adapted."""
         ratio = w_norm / d_norm
         if group["trust_max_ratio"] is not None:
@@ -239,7 +245,8 @@ class TrustRatio(WrappedOptimizer):
         torch._foreach_copy_(params, old)
 
 
-@register_optimizer("trust_ratio", "LARS/LAMB trust-ratio scaling of any base optimiser's gradient or update, per tensor")
+@register_optimizer("trust_ratio", "LARS/LAMB trust-ratio scaling of any base optimiser's gradient or update, "
+                                   "per tensor")
 def build_trust_ratio(
     model: nn.Module,
     lr: float,

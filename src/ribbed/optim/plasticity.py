@@ -200,7 +200,8 @@ class ShrinkPerturb(WrappedOptimizer):
         self.noise.load(own["noise"])
 
 
-@register_optimizer("shrink-perturb", "Shrink & Perturb over any base (AdamW): w <- shrink*w + sigma*noise every k steps (Ash & Adams 2020)")
+@register_optimizer("shrink-perturb", "Shrink & Perturb over any base (AdamW): w <- shrink*w + sigma*noise "
+                                      "every k steps (Ash & Adams 2020)")
 def build_shrink_perturb(
     model: nn.Module,
     lr: float,
@@ -258,7 +259,8 @@ class L2Regularized(WrappedOptimizer):
         return loss
 
 
-@register_optimizer("adamw-l2", "AdamW + L2 penalty toward the initial weights (L2 Init, Kumar et al. 2023) or toward zero")
+@register_optimizer("adamw-l2", "AdamW + L2 penalty toward the initial weights (L2 Init, Kumar et al. 2023) "
+                                "or toward zero")
 def build_adamw_l2(
     model: nn.Module,
     lr: float,
@@ -338,7 +340,8 @@ class UPGD(torch.optim.Optimizer):
         self.noise.load(own["noise"])
 
 
-@register_optimizer("upgd", "UPGD: utility-gated perturbed gradient descent, first-order global utility (Elsayed & Mahmood 2024)")
+@register_optimizer("upgd", "UPGD: utility-gated perturbed gradient descent, first-order global utility "
+                            "(Elsayed & Mahmood 2024)")
 def build_upgd(
     model: nn.Module,
     lr: float,
@@ -356,7 +359,8 @@ def build_upgd(
 # --------------------------------------------------------------------------- Schedule-Free AdamW
 
 
-@register_optimizer("schedulefree-adamw", "Schedule-Free AdamW (Defazio et al. 2024; the schedulefree package), in train mode")
+@register_optimizer("schedulefree-adamw", "Schedule-Free AdamW (Defazio et al. 2024; the schedulefree package), "
+                                          "in train mode")
 def build_schedulefree_adamw(
     model: nn.Module,
     lr: float,

@@ -131,7 +131,8 @@ def register_optimizer_class(name: str, cls: type[torch.optim.Optimizer] | str, 
 
 register_optimizer_class("sgd", torch.optim.SGD, "torch.optim.SGD (momentum, nesterov, weight_decay)", foreach=True)
 register_optimizer_class("adam", torch.optim.Adam, "torch.optim.Adam (Kingma & Ba 2015)", foreach=True)
-register_optimizer_class("adamw", torch.optim.AdamW, "torch.optim.AdamW, decoupled weight decay (Loshchilov & Hutter 2019)", foreach=True)
+register_optimizer_class("adamw", torch.optim.AdamW,
+                         "torch.optim.AdamW, decoupled weight decay (Loshchilov & Hutter 2019)", foreach=True)
 register_optimizer_class("rmsprop", torch.optim.RMSprop, "torch.optim.RMSprop (Hinton 2012)", foreach=True)
 register_optimizer_class("adagrad", torch.optim.Adagrad, "torch.optim.Adagrad (Duchi et al. 2011)", foreach=True)
 

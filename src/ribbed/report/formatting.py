@@ -152,7 +152,8 @@ def compare_line(row: Mapping[str, Any], baseline: str, baseline_mean: float | N
             difference = f", {'+' if delta >= 0 else '−'}{number(abs(delta), 2)}"
         judged = (f"{verdict} than {baseline}" if verdict in ("better", "worse")
                   else f"no significant difference from {baseline}")
-        sentence = f"{where}: {number(row['mean'])}{difference} against {baseline}, {judged} ({p_clause(row['p_value'])})"
+        sentence = (f"{where}: {number(row['mean'])}{difference} against {baseline}, "
+                    f"{judged} ({p_clause(row['p_value'])})")
     if row.get("n_diverged"):
         sentence += f"; {row['n_diverged']} run(s) diverged"
     return sentence

@@ -23,7 +23,8 @@ DESCRIPTIONS = {
     "ribbed_coupling_mean": "RIBBED: mean coupling strength lambda between a neuron and its controller",
     "ribbed_gate_mean": "RIBBED: mean explore/exploit gate of the controllers",
     "ribbed_surprise_mean": "RIBBED: mean self-supervised surprise (error of each neuron's activity prediction)",
-    "ribbed_hypergradient_mean": "RIBBED: mean per-neuron meta-gradient dL/d(log multiplier) the controllers learn from",
+    "ribbed_hypergradient_mean": ("RIBBED: mean per-neuron meta-gradient dL/d(log multiplier) "
+                                  "the controllers learn from"),
     "ribbed_controller_loss": "RIBBED: the controllers' training loss at the last refresh",
     "ribbed_prediction_loss": "RIBBED: loss of the self-supervised activity predictors",
     "ribbed_membership_changes": "RIBBED: neurons that moved to another controller at the last re-routing",

@@ -177,14 +177,16 @@ class HessianSpectrumTracker(TrainingPlugin):
     def __init__(self, k: int = 1, method: str = "power", samples: int = 512, iterations: int = 50,
                  tol: float = 1e-3, seed: int = 0):
         if method not in METHODS:
-            raise ValueError(f"train.plugins.hessian-spectrum option method: got {method!r}; allowed: {', '.join(METHODS)}")
+            raise ValueError(f"train.plugins.hessian-spectrum option method: got {method!r}; "
+                             f"allowed: {', '.join(METHODS)}")
         if not (isinstance(k, int) and k >= 1) or (method == "power" and k != 1):
             raise ValueError(
                 f"train.plugins.hessian-spectrum option k: got {k!r}; allowed: 1 with method 'power', "
                 "a positive integer with method 'lanczos'"
             )
         if not (isinstance(samples, int) and samples >= 1):
-            raise ValueError(f"train.plugins.hessian-spectrum option samples: got {samples!r}; allowed: a positive integer")
+            raise ValueError(f"train.plugins.hessian-spectrum option samples: got {samples!r}; "
+                             "allowed: a positive integer")
         self.k, self.method, self.samples = k, method, samples
         self.iterations, self.tol, self.seed = iterations, tol, seed
 

@@ -222,7 +222,8 @@ class Net2NetGrowth(TrainingPlugin):
         if not all(isinstance(s, int) and s >= 1 for s in at_steps):
             raise ValueError(f"{field_name} at_steps: got {at_steps!r}; allowed: a list of steps >= 1")
         if plateau_patience is not None and not (isinstance(plateau_patience, int) and plateau_patience >= 1):
-            raise ValueError(f"{field_name} plateau_patience: got {plateau_patience!r}; allowed: an integer >= 1 or null")
+            raise ValueError(f"{field_name} plateau_patience: got {plateau_patience!r}; "
+                             "allowed: an integer >= 1 or null")
         if not at_steps and plateau_patience is None:
             raise ValueError(f"{field_name}s: give at_steps, plateau_patience or both; neither triggers growth")
         if not (isinstance(factor, (int, float)) and factor > 1):

@@ -668,7 +668,8 @@ def _read_json(path: Path) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise RunFileError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+        raise RunFileError(f"{path}: not valid JSON "
+                           f"({error.msg} at line {error.lineno}, column {error.colno})") from None
     if not isinstance(value, dict):
         raise RunFileError(f"{path}: holds a JSON {type(value).__name__}, expected an object")
     return value

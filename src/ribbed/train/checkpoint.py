@@ -151,7 +151,8 @@ class CheckpointStore:
                 if Path(entry["file"]).name != entry["file"]:
                     raise ValueError(f"file {entry['file']!r} is not a name inside the folder")
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"checkpoint manifest {self.manifest_path}: unreadable ({_one_line(error)})") from None
+            raise CheckpointError(f"checkpoint manifest {self.manifest_path}: "
+                                  f"unreadable ({_one_line(error)})") from None
         return entries
 
     def save(self, state: dict[str, Any], step: int) -> Path:

@@ -63,7 +63,8 @@ def _check_modes(modes: Sequence[str]) -> None:
         raise ValueError(f"options.modes: got {list(modes)!r}; allowed: distinct values among {', '.join(MODES)}")
 
 
-@register_study("precision", "fp32 vs bf16 vs fp16 (loss-scaled) training: accuracy, step time, memory saved for backward, peak memory")
+@register_study("precision", "fp32 vs bf16 vs fp16 (loss-scaled) training: accuracy, step time, "
+                             "memory saved for backward, peak memory")
 def precision(
     context: StudyContext,
     base: dict[str, Any],

@@ -56,8 +56,10 @@ def _run_config(base: dict[str, Any], label: str, optimizer: dict[str, Any], see
 
 def _check(optimizers: Any, seeds: Any) -> None:
     if not isinstance(optimizers, dict) or not optimizers:
-        raise ValueError(f"options.optimizers: got {optimizers!r}; allowed: a non-empty mapping of label -> optimizer config")
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)):
+        raise ValueError(f"options.optimizers: got {optimizers!r}; "
+                         "allowed: a non-empty mapping of label -> optimizer config")
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)
+            and len(set(seeds)) == len(seeds)):
         raise ValueError(f"options.seeds: got {seeds!r}; allowed: a non-empty list of distinct integers")
 
 
