@@ -139,6 +139,10 @@ def check_evolution_options(*, es_every: int, es_population: int, es_sigma: floa
                          "the controller bank and/or the chirality signs)")
 
 
+TRIAL_EVALUATIONS = "RIBBED's guided ES / selection (es_every, evolve_every)"
+"""Who evaluates the loss at trial parameters, as :func:`step_loss`'s error names it (ES, selection)."""
+
+
 def step_loss(model: nn.Module, closure: Callable[[], torch.Tensor | float] | None,
               who: str) -> Callable[[], torch.Tensor | float]:
     """How to evaluate the step's loss: the ``closure`` if given, else the recorded batches.

@@ -37,7 +37,7 @@ from ribbed.core.chain import NeuronChain, NeuronTransform, StepContext, Transfo
 from ribbed.core.controllers import OBJECTIVES, PREDICTED, ControllerBank, ControllerOutputs
 from ribbed.core.coupling import build_router
 from ribbed.core.density import InformationDensity
-from ribbed.core.evolution import evolve_bank
+from ribbed.core.evolution import TRIAL_EVALUATIONS, evolve_bank
 from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
 from ribbed.core.hierarchy import ClusterHierarchy, check_hierarchy_settings
 from ribbed.core.routing import OnlineKMeans
@@ -50,7 +50,6 @@ __all__ = ["NeuronControllers", "controllers"]
 
 _PREDICTED_INDEX = [FEATURE_NAMES.index(name) for name in PREDICTED]
 _SURPRISE_INDEX = FEATURE_NAMES.index("surprise")
-_SELECTION = "RIBBED's guided ES / selection (es_every, evolve_every)"
 
 
 def controllers(*, n_controllers: int = 4, controller_hidden: int = 16, controller_lr: float = 1e-2,
@@ -369,7 +368,7 @@ class NeuronControllers(NeuronTransform):
             self._modulate(out)
             return out.multiplier
 
-        with ctx.probe(self.neuron_params, _SELECTION) as probe:
+        with ctx.probe(self.neuron_params, TRIAL_EVALUATIONS) as probe:
             result = evolve_bank(
                 self.bank, multiplier_of, population=self.selection_population, sigma=self.selection_sigma,
                 loss_of_multiplier=lambda m: probe.at(torch._foreach_lerp(probe.saved, self.prev, self._lerp_from(m))),

@@ -29,14 +29,13 @@ from ribbed.checks import check_integer, check_number
 from ribbed.core.chain import NeuronChain, NeuronTransform, StepContext, TransformSpec
 from ribbed.core.chiral import ChiralTerm, check_chiral_options
 from ribbed.core.density import InformationDensity
-from ribbed.core.evolution import GuidedES, evolve_chirality
+from ribbed.core.evolution import TRIAL_EVALUATIONS, GuidedES, evolve_chirality
 from ribbed.core.modulation import NeuronControllers, controllers
 from ribbed.core.projection import NeuronNormProjection, check_projection_scope
 from ribbed.core.resets import NeuronResets, check_reset_options
 
 __all__ = ["chiral_term", "controllers", "guided_es", "information_density", "neuron_resets", "norm_projection"]
 
-_ES = "RIBBED's guided ES / selection (es_every, evolve_every)"
 
 
 class DensityTransform(InformationDensity, NeuronTransform):
@@ -76,7 +75,7 @@ class GuidedESTransform(GuidedES, NeuronTransform):
 
     def before_update(self, ctx: StepContext) -> None:
         if ctx.step % self.every == 0 and self.ready():
-            with ctx.probe(self.params, _ES) as probe:
+            with ctx.probe(self.params, TRIAL_EVALUATIONS) as probe:
                 self.blend(probe, self.generator)
 
     def telemetry(self) -> dict[str, float]:
@@ -124,7 +123,7 @@ class ChiralTransform(ChiralTerm, NeuronTransform):
         """Selection over the signs (``ribbed.core.evolution.evolve_chirality``), before the term
         is applied; each candidate's trial step is this step's update with the current multipliers."""
         owners = [p for group in ctx.chain.param_groups for p in group["params"]]
-        with ctx.probe(owners, _ES) as probe:
+        with ctx.probe(owners, TRIAL_EVALUATIONS) as probe:
             before = dict(zip(owners, probe.saved, strict=True))
             evolve_chirality(self, self.layers, probe, self.base, lambda: self.chain_update(before),
                              population=self.population, generator=self.generator)
