@@ -7,7 +7,8 @@ its mean is within ``train.divergence_factor`` of the first step's), unscales, c
 optimiser and the schedule, and every ``eval_every`` steps evaluates on the validation split,
 records a metrics row and checks the target. Checkpoints are taken every
 ``checkpoint_every`` steps and a run resumes from one to the same result as an
-uninterrupted run. Evaluation time is excluded from the training clock, so "seconds to
+uninterrupted run (what a checkpoint holds, when it is taken and how a run resumes:
+``ribbed.train.resume``). Evaluation time is excluded from the training clock, so "seconds to
 target" measures training only.
 
 Plug-in points rather than copies: the gradient method (``ribbed.train.gradients``), the
@@ -45,20 +46,19 @@ from ribbed.optim import build_optimizer
 from ribbed.optim.capabilities import needs_batch, telemetry
 from ribbed.optim.modes import evaluation_weights, has_evaluation_mode
 from ribbed.train.batches import Sampler, build_sampler
-from ribbed.train.checkpoint import CheckpointError, CheckpointStore, save_weights
+from ribbed.train.checkpoint import save_weights
 from ribbed.train.gradients import GradientMethod, build_gradient_method
 from ribbed.train.hardware import resolve_device, resolve_threads
 from ribbed.train.hooks import HookList, StepBatch, TrainingHook
 from ribbed.train.interrupts import InterruptGuard, TrainingInterrupted
 from ribbed.train.plugins import TrainingPlugin, build_plugin
 from ribbed.train.precision import Precision
+from ribbed.train.resume import Progress, RunCheckpoints
 from ribbed.train.schedule import build_scheduler
 
 __all__ = ["Callback", "RunParts", "TrainResult", "build_run", "evaluate", "task_loss", "train"]
 
 TARGET_METRICS = ("val_acc", "val_loss", "train_loss")
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "plugins", "rng", "step",
-                   "train_seconds", "history", "steps_to_target", "seconds_to_target")
 
 
 Callback = TrainingHook
@@ -327,68 +327,6 @@ def _reached(value: float, target) -> bool:
     return value >= target.value if target.mode == "max" else value <= target.value
 
 
-def checkpoint_interval(config: RunConfig, strategy: Strategy) -> int | None:
-    """Steps between checkpoints: ``train.checkpoint_every``, or ``eval_every`` for ``"eval"``
-    (the default; ``None`` under a strategy that writes no checkpoints)."""
-    every = config.train.checkpoint_every
-    if every == "eval":
-        return config.train.eval_every if strategy.writes_checkpoints else None
-    return every
-
-
-def _check_checkpoint(state: dict[str, Any], parts: RunParts) -> None:
-    """Raise :class:`CheckpointError` when ``state`` cannot be this run's checkpoint: a key
-    missing, a step outside ``0..train.steps``, a plug-in count or a weight shape that differ."""
-    missing = [key for key in CHECKPOINT_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"lacks {', '.join(missing)}")
-    step, steps = state["step"], parts.config.train.steps
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= steps:
-        raise CheckpointError(f"holds step {step!r}; allowed: 0..{steps} (train.steps)")
-    if len(state["plugins"]) != len(parts.plugins):
-        raise CheckpointError(f"holds {len(state['plugins'])} plug-in states, the run has {len(parts.plugins)}")
-    if parts.plugins or not isinstance(state["model"], dict):
-        return  # a plug-in may reshape the model (growth): its shapes are checked on loading
-    expected = parts.strategy.model_state_dict(parts.model) if parts.strategy.world_size == 1 else None
-    for name, tensor in (expected or {}).items():
-        got = state["model"].get(name)
-        if not isinstance(got, torch.Tensor):
-            raise CheckpointError(f"lacks the weight {name!r}")
-        if got.shape != tensor.shape:
-            raise CheckpointError(
-                f"weight {name!r} has shape {list(got.shape)}, this run's model has {list(tensor.shape)}")
-
-
-def _restore(parts: RunParts, store: CheckpointStore, hooks: HookList) -> dict[str, Any] | None:
-    """Load the newest usable checkpoint of ``store`` into ``parts`` and ``hooks``; return its state.
-
-    Damaged checkpoints are skipped (each named to ``hooks.on_message``); a checkpoint that
-    passed its checks but does not load into the model still fails, naming the file.
-    """
-    loaded = store.load(lambda state: _check_checkpoint(state, parts))
-    if loaded is None:
-        hooks.on_message(f"no checkpoint in {store.directory}: starting from step 0")
-        return None
-    for message in loaded.skipped:
-        hooks.on_message(f"skipped a damaged checkpoint: {message}")
-    state, model, optimizer = loaded.state, parts.model, parts.optimizer
-    try:
-        hooks.load_plugin_states(state["plugins"])  # first: a plug-in may reshape the model (growth)
-        hooks.load_callback_states(state.get("callbacks", {}))
-        parts.strategy.load_model_state_dict(model, state["model"])
-        parts.strategy.load_optimizer_state_dict(model, optimizer, state["optimizer"])
-        parts.scheduler.load_state_dict(state["scheduler"])
-        parts.precision.load_state_dict(state["scaler"])
-        if state.get("gradient_method") is not None:
-            parts.gradient_method.load_state_dict(state["gradient_method"])
-        torch.set_rng_state(state["rng"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        detail = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"checkpoint {loaded.path}: does not fit this run ({detail})") from None
-    hooks.on_message(f"resuming from step {loaded.step} ({loaded.path})")
-    return state
-
-
 def train(
     parts: RunParts,
     *,
@@ -411,31 +349,22 @@ def train(
     cfg = config.train
     loss_fn = task_loss(parts.dataset.task)
     target = cfg.target
+    checkpoints = RunCheckpoints(parts, record)  # removes what a process killed while writing left
+    if record is not None:
+        record.remove_stray_files()
+    hooks = HookList(parts.plugins, callbacks)
+    hooks.attach_callbacks(parts)
+
+    resumed = checkpoints.restore(hooks) if resume else None
     tracker = None
     if record is not None:
         from ribbed.runs import build_tracker
 
-        store = CheckpointStore(record.checkpoint_dir)
-        store.remove_unlisted()  # temporary files of a process killed while writing
-        record.remove_stray_files()
-    checkpoint_every = checkpoint_interval(config, strategy)
-    hooks = HookList(parts.plugins, callbacks)
-    hooks.attach_callbacks(parts)
-
-    step, train_seconds, history = 0, 0.0, []
-    steps_to_target = seconds_to_target = diverged_at = None
-    window_loss, window_steps = 0.0, 0
-    first_loss = None  # the first step's loss, the reference of train.divergence_factor
-    state = None
-    if resume and record is not None:
-        state = _restore(parts, CheckpointStore(strategy.checkpoint_path(record.checkpoint_dir)), hooks)
-    if record is not None:
         tracker = build_tracker(config.trackers, record)  # after the checks, so a refused resume opens none
-    if state is not None:
-        step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
-        steps_to_target, seconds_to_target = state["steps_to_target"], state["seconds_to_target"]
-        window_loss, window_steps = state.get("window_loss", 0.0), state.get("window_steps", 0)
-        first_loss = state.get("first_loss")
+    (step, train_seconds, history, steps_to_target, seconds_to_target,
+     window_loss, window_steps, first_loss) = resumed or Progress.start()
+    diverged_at = None
+    if resumed is not None:
         record.truncate_metrics_after(step)
     elif record is not None:
         record.truncate_metrics_after(-1)
@@ -449,26 +378,9 @@ def train(
                 precision=parts.precision, device=parts.device,
             )
 
-    def checkpoint_state() -> dict[str, Any]:
-        return {
-            "model": strategy.model_state_dict(model),
-            "optimizer": strategy.optimizer_state_dict(model, optimizer),
-            "scheduler": parts.scheduler.state_dict(),
-            "scaler": parts.precision.state_dict(),
-            "plugins": hooks.plugin_states(),
-            "callbacks": hooks.callback_states(),
-            "gradient_method": (parts.gradient_method.state_dict()
-                                if hasattr(parts.gradient_method, "state_dict") else None),
-            "rng": torch.get_rng_state(),
-            "step": step,
-            "train_seconds": train_seconds,
-            "history": history,
-            "steps_to_target": steps_to_target,
-            "seconds_to_target": seconds_to_target,
-            "window_loss": window_loss,  # the running train_loss, so resumed rows equal the originals
-            "window_steps": window_steps,
-            "first_loss": first_loss,
-        }
+    def progress() -> Progress:
+        return Progress(step, train_seconds, history, steps_to_target, seconds_to_target,
+                        window_loss, window_steps, first_loss)
 
     model.train()
     log_loss, log_steps, log_started = 0.0, 0, time.perf_counter()
@@ -476,9 +388,7 @@ def train(
     with _deterministic(cfg.deterministic), interrupts:
         while step < cfg.steps:
             if interrupts.requested:
-                entries = store.entries() if checkpoint_every else []
-                saved = (store.directory / entries[0]["file"] if entries and entries[0]["step"] == step
-                         else store.save(checkpoint_state(), step) if checkpoint_every else None)
+                saved = checkpoints.save_interrupted(hooks, progress())
                 raise TrainingInterrupted(step, saved, interrupts.signum, run_id=record.id)
             started = time.perf_counter()
             strategy.begin_step(step)
@@ -546,8 +456,7 @@ def train(
                     steps_to_target, seconds_to_target = step, train_seconds
                     if cfg.stop_at_target:
                         break
-            if record is not None and checkpoint_every and step % checkpoint_every == 0:
-                store.save(checkpoint_state(), step)
+            checkpoints.maybe_save(hooks, progress())
 
     final: dict[str, float] = {}
     if has_evaluation_mode(optimizer):
