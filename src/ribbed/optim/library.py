@@ -98,8 +98,10 @@ def build_muon(
     """
     import pytorch_optimizer
 
+    if len(adamw_betas) != 2:  # Muon's AdamW groups unpack two
+        raise ValueError(f"adamw_betas: got {list(adamw_betas)}; allowed: two decay rates [beta1, beta2]")
     return pytorch_optimizer.Muon(
         muon_param_groups(model, adamw_params), lr=lr, adamw_lr=adamw_lr, momentum=momentum,
-        weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps, adamw_betas=tuple(adamw_betas),
+        weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps, adamw_betas=(adamw_betas[0], adamw_betas[1]),
         adamw_wd=adamw_wd,
     )

@@ -28,7 +28,7 @@ def step_inner(base: torch.optim.Optimizer) -> None:
     (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and ``..._post_hook``, which
     profilers and trainers count steps with) do not, so they fire once per training step, for
     the optimiser the user steps."""
-    step = type(base).step
+    step: Any = type(base).step  # torch's hook wrapper keeps the plain step as __wrapped__
     if not getattr(step, "hooked", False):  # a step torch has not wrapped with the hooks
         base.step()
         return

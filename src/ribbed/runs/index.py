@@ -115,7 +115,8 @@ def select_rows(
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    clauses, params = [], []
+    clauses: list[str] = []
+    params: list[str | int] = []
     for column, value in (("kind", kind), ("parent", parent)):
         if value is not None:
             clauses.append(f"{column} = ?")

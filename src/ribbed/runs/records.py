@@ -248,8 +248,9 @@ class RunRecord:
         self._write_meta(status=status, **(_this_process() if status == "running" else {}))
         self._sync_index()
 
-    def effective_status(self) -> str:
-        """The recorded status, or ``"stale"`` for a ``running`` run whose process is gone."""
+    def effective_status(self) -> str | None:
+        """The recorded status, or ``"stale"`` for a ``running`` run whose process is gone
+        (``None`` for a ``run.json`` without one)."""
         return effective_status(self.read_meta())
 
     def record_error(self, error: BaseException, **details: Any) -> str:
@@ -492,7 +493,7 @@ def list_runs(
     return rows
 
 
-def _effective_status_at(path: Path) -> str:
+def _effective_status_at(path: Path) -> str | None:
     try:
         return effective_status(_read_json(path / META_FILE))
     except (RunFileError, OSError):
@@ -614,10 +615,11 @@ def _process_start(pid: int) -> int | None:
         return None
 
 
-def effective_status(meta: dict[str, Any]) -> str:
+def effective_status(meta: dict[str, Any]) -> str | None:
     """``meta["status"]``, or ``"stale"`` when it says ``running`` but the process it names on
     this host is gone (or its pid now belongs to another process). A run on another host, or
-    one recorded before processes were, is taken at its word."""
+    one recorded before processes were, is taken at its word; ``None`` when ``meta`` records no
+    status."""
     status = meta.get("status")
     pid = meta.get("pid")
     if status != "running" or not isinstance(pid, int) or meta.get("host") != socket.gethostname():

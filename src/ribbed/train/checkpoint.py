@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -62,7 +62,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_writer(path) as handle:
             hashing = _HashingWriter(handle)
-            torch.save(state, hashing)
+            torch.save(state, hashing)  # type: ignore[arg-type]  # torch needs only write() and flush(), not IO
     except (OSError, RuntimeError) as error:
         # torch's zip writer hides a failed write behind "[enforce fail at inline_container.cc]"
         cause = hashing.error if hashing is not None and hashing.error is not None else error
@@ -239,7 +239,13 @@ class CheckpointStore:
         return None
 
 
-def save_weights(path: str | Path, model: torch.nn.Module) -> None:
+class HasStateDict(Protocol):
+    """A module, or a gathered state standing in for one (``ribbed.distributed.FullState``)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+def save_weights(path: str | Path, model: HasStateDict) -> None:
     """Write the model's tensors as safetensors (tied weights stored once, contiguous)."""
     seen: dict[int, str] = {}
     tensors = {}

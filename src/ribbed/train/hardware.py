@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -60,7 +61,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def auto_threads(cores: int | None = None, load: float | None = None, env: dict | None = None) -> int:
+def auto_threads(cores: int | None = None, load: float | None = None, env: Mapping[str, str] | None = None) -> int:
     """The thread count ``threads: auto`` gives (the rule in the module docstring).
 
     ``cores``, ``load`` (1-minute load average) and ``env`` default to this machine's; tests

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 __all__ = ["InterruptGuard", "TrainingInterrupted"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None  # what signal.signal returns
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -61,7 +64,7 @@ class InterruptGuard:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.defer = defer
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
 
     @property
     def requested(self) -> bool:

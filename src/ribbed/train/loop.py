@@ -368,6 +368,7 @@ def train(
         record.truncate_metrics_after(step)
     elif record is not None:
         record.truncate_metrics_after(-1)
+    if tracker is not None and resumed is None:
         tracker.log_config(config.model_dump(mode="json"))
 
     def evaluate_split(split: Split) -> dict[str, float]:
@@ -387,7 +388,7 @@ def train(
     interrupts = InterruptGuard(enabled=record is not None, defer=strategy.world_size == 1)
     with _deterministic(cfg.deterministic), interrupts:
         while step < cfg.steps:
-            if interrupts.requested:
+            if interrupts.signum is not None:  # a signal arrived during the last step
                 saved = checkpoints.save_interrupted(hooks, progress())
                 raise TrainingInterrupted(step, saved, interrupts.signum, run_id=record.id)
             started = time.perf_counter()
@@ -481,6 +482,7 @@ def train(
     )
     if record is not None:
         save_weights(record.path / "model.safetensors", strategy.weights(model))
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
         record.finish(result.status, {k: v for k, v in result.summary().items() if k != "status"})
     return result
