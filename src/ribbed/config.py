@@ -92,7 +92,7 @@ class DataConfig(_Strict):
 
     name: str = "mnist1d"
     seed: int = 0
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 1024
     options: dict[str, Any] = Field(default_factory=dict)
@@ -119,7 +119,7 @@ class ScheduleConfig(_Strict):
 
     kind: Literal["constant", "cosine"] = "cosine"
     warmup_steps: NonNegativeInt = 0
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class TargetConfig(_Strict):
@@ -190,7 +190,7 @@ class RunConfig(_Strict):
     """Everything one training run needs."""
 
     kind: Literal["run"] = "run"
-    name: str = Field("run", min_length=1, max_length=64)
+    name: str = Field(default="run", min_length=1, max_length=64)
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -284,7 +284,7 @@ class DatasetEntry(_Strict):
 
     data: DataConfig
     model: ModelConfig
-    methods: list[str] | None = Field(None, min_length=1)
+    methods: list[str] | None = Field(default=None, min_length=1)
     metric: Metric | None = None
     mode: Literal["max", "min"] | None = None
     train: dict[str, Any] = Field(default_factory=dict)
@@ -512,7 +512,7 @@ def config_from_dict(doc: Mapping[str, Any]) -> AnyConfig:
     if not isinstance(doc, Mapping):
         raise ConfigError(f"a config must be a mapping, got {_show(doc)}")
     kind = doc.get("kind", "comparison" if "methods" in doc else "run")
-    models: dict[str, type[BaseModel]] = {
+    models: dict[str, type[RunConfig] | type[ComparisonConfig] | type[StudyConfig]] = {
         "run": RunConfig, "comparison": ComparisonConfig, "study": StudyConfig,
     }
     model = models.get(kind) if isinstance(kind, str) else None
@@ -580,7 +580,8 @@ def route_overrides(doc: Mapping[str, Any], overrides: Iterable[str]) -> list[st
                 f"methods.{method}.overrides.{path} (per method)?")
         routed.append(f"base.{item.lstrip()}")
         setting = path.split(".")[1] if head == "train" and "." in path else None
-        entries = doc.get("datasets") if isinstance(doc.get("datasets"), list) else []
+        datasets = doc.get("datasets")
+        entries = datasets if isinstance(datasets, list) else []
         routed += [f"datasets.{index}.{item.lstrip()}" for index, entry in enumerate(entries)
                    if isinstance(entry, Mapping) and isinstance(entry.get("train"), Mapping)
                    and setting in entry["train"]]

@@ -47,7 +47,7 @@ def cached_arrays(filename: str, build: Callable[[], Arrays]) -> Arrays:
 def save_arrays_atomically(path: Path, arrays: Arrays) -> None:
     """Write ``arrays`` to ``path`` as ``.npz`` so readers never see a partial file."""
     with atomic_writer(path) as file:
-        np.savez(file, **arrays)
+        np.savez(file, **arrays)  # type: ignore[arg-type]  # numpy's stub lets **kwds reach allow_pickle
 
 
 def _read_arrays(path: Path) -> Arrays | None:

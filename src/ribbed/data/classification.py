@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -314,10 +315,10 @@ def load_cifar10(*, seed: int, val_fraction: float, path: str | os.PathLike) -> 
     """
     directory = require_path("cifar10", "path", path, "dir", _expected_cifar10_files())
     train_batches = [_read_cifar10_batch(directory, name) for name in CIFAR10_TRAIN_FILES]
-    train = tuple(np.concatenate(parts) for parts in zip(*train_batches, strict=True))
+    images, labels = (np.concatenate(parts) for parts in zip(*train_batches, strict=True))
     return classification_dataset(
         "cifar10",
-        train,
+        (images, labels),
         _read_cifar10_batch(directory, CIFAR10_TEST_FILE),
         input_shape=(3, 32, 32),
         num_classes=10,
@@ -373,7 +374,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 CIFAR10_BATCH_MAX_BYTES = 64 * 2**20  # the official batches are 30 MiB each
 
 
-def _bytes_hint(shape: object) -> str:
+def _bytes_hint(shape: Any) -> str:  # whatever a pickle's header holds
     try:
         count = int(np.prod([int(n) for n in shape], dtype=object))
     except (TypeError, ValueError):

@@ -211,8 +211,7 @@ def _check_seed(seed: object) -> None:
 
 
 def _check_val_fraction(val_fraction: object) -> None:
-    valid = isinstance(val_fraction, int | float) and not isinstance(val_fraction, bool)
-    if not valid or not 0 < val_fraction < 1:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
         raise DatasetError(f"val_fraction={val_fraction!r} is invalid; expected a number in (0, 1)")
 
 
