@@ -83,10 +83,10 @@ class ActivationMixture(nn.Module):
         shape = [1] * x.dim()
         shape[self.unit_dim] = self.logits.shape[0]
         weights = self.weights().to(x.dtype)
-        out = None
-        for k, name in enumerate(self.functions):
-            term = weights[:, k].view(shape) * MIXTURE_FUNCTIONS[name](x)
-            out = term if out is None else out + term
+        terms = (weights[:, k].view(shape) * MIXTURE_FUNCTIONS[name](x) for k, name in enumerate(self.functions))
+        out = next(terms)  # functions is never empty (checked in __init__)
+        for term in terms:
+            out = out + term
         return out
 
     def extra_repr(self) -> str:

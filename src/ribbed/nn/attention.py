@@ -156,6 +156,8 @@ class PerformerAttention(CausalSelfAttention):
             memory-optimal).
     """
 
+    features: torch.Tensor  # the random features [m, head_dim], a buffer
+
     def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float, bias: bool,
                  n_features: int | None = None, chunk_size: int | None = None):
         super().__init__(n_embd, n_head, block_size, dropout, bias)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -133,7 +133,7 @@ def set_checkpointing(model: Model, policy: str) -> Model:
     _parse(policy)
     if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
         raise ModelError(f"{type(model).__name__} has no `blocks` ModuleList to checkpoint")
-    model.checkpoint_policy = policy
+    model.checkpoint_policy = policy  # type: ignore[assignment]  # torch's stub allows only tensors and modules
     return model
 
 
@@ -165,7 +165,7 @@ def _save_matmul_outputs(ctx: SelectiveCheckpointContext, op, *args, **kwargs) -
 _SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _save_matmul_outputs)
 
 
-def _run_sequence(blocks: Sequence[nn.Module], x: Any) -> Any:
+def _run_sequence(blocks: Iterable[nn.Module], x: Any) -> Any:
     for block in blocks:
         x = block(x)
     return x
@@ -180,7 +180,7 @@ def run_blocks(blocks: nn.ModuleList, x: Any, policy: str) -> Any:
     """
     if not (blocks.training and torch.is_grad_enabled()):
         return _run_sequence(blocks, x)
-    extra = {"context_fn": _SELECTIVE_CONTEXT} if policy == "selective" else {}
+    extra: dict[str, Any] = {"context_fn": _SELECTIVE_CONTEXT} if policy == "selective" else {}
     for segment in checkpoint_segments(policy, len(blocks)):
         members = blocks[segment.start : segment.stop]
         if segment.checkpointed:

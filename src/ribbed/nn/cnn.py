@@ -19,7 +19,7 @@ from ribbed.nn.registry import (
 def _signal_shape(input_shape: tuple[int, ...]) -> tuple[int, int]:
     """Read ``(L,)`` or ``(C, L)`` as ``(C, L)``."""
     check_option("input_shape", input_shape, len(input_shape) in (1, 2), "(L,) or (C, L)")
-    return (1, *input_shape) if len(input_shape) == 1 else input_shape
+    return (1, input_shape[0]) if len(input_shape) == 1 else (input_shape[0], input_shape[1])
 
 
 @register_model("cnn1d", "MNIST-1D ConvBase: three strided Conv1d layers and a Linear head")

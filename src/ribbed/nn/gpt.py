@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ _FEED_FORWARD_ARGS = ("n_embd", "dropout", "bias")
 
 
 def _check_layer_options(
-    field: str, name: str, cls: type[nn.Module], options: object, positional: tuple[str, ...]
+    field: str, name: str, cls: type[nn.Module], options: Any, positional: tuple[str, ...]
 ) -> dict:
     """``options`` as a dict after checking they are keyword arguments of ``cls``."""
     check_option(field, options, isinstance(options, dict), "a mapping of option names to values")

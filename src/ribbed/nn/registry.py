@@ -129,8 +129,9 @@ def build_model(
         raise ModelError(f"unknown model {name!r}; available: {sorted(_MODELS)}")
     cls = _MODELS[name]
     check_option("task", task, task in TASKS, str(TASKS))
-    if task not in cls.tasks:
-        raise ModelError(f"model {name!r} supports tasks {cls.tasks}, not task={task!r}")
+    tasks = getattr(cls, "tasks", ())  # declared by every registered class (register_model checks)
+    if task not in tasks:
+        raise ModelError(f"model {name!r} supports tasks {tasks}, not task={task!r}")
     allowed = model_options(cls)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
