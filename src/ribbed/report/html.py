@@ -229,8 +229,8 @@ def _internals(summary: Mapping[str, Any]) -> str:
     if not keys:
         return ""
     methods = [method for method, values in finals.items() if values]
-    body = [[Cell(key), describe(key), *(Cell(fmt.number(finals[m].get(key)), "num") for m in methods)]
-            for key in keys]
+    body: list[list[str | Cell]] = [
+        [Cell(key), describe(key), *(Cell(fmt.number(finals[m].get(key)), "num") for m in methods)] for key in keys]
     colors = method_colors(list(dict.fromkeys(m for by_method in grouped.values() for m in by_method)))
     figures = []
     for dataset, by_method in grouped.items():

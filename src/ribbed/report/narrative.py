@@ -109,8 +109,7 @@ def _speed(summary: Mapping[str, Any], dataset: str, rows: Sequence[Mapping[str,
 
 
 def _step_time(by_method: Mapping[str, Sequence[Mapping[str, Any]]], baseline: str, where: str) -> str | None:
-    times = {method: step_time_ms(runs) for method, runs in by_method.items()}
-    times = {method: ms for method, ms in times.items() if ms is not None}
+    times = {method: ms for method, runs in by_method.items() if (ms := step_time_ms(runs)) is not None}
     if not times:
         return None
     base = times.get(baseline)

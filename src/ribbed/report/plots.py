@@ -13,11 +13,12 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from ribbed.report.metrics import is_internal
@@ -40,7 +41,8 @@ class Plot:
 def method_colors(methods: Sequence[str]) -> dict[str, Any]:
     """A fixed colour per method, so a method looks the same in every figure: ``tab10`` for up
     to ten methods, ``tab20`` (distinct up to twenty) beyond."""
-    palette = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
+    colormap = cast(ListedColormap, colormaps["tab10" if len(methods) <= 10 else "tab20"])  # both are listed
+    palette = cast(Sequence[Any], colormap.colors)  # their colours: a tuple of RGB tuples
     return {method: palette[i % len(palette)] for i, method in enumerate(methods)}
 
 
