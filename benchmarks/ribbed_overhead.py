@@ -56,13 +56,18 @@ def models() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
     }
 
 
-def time_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, steps: int) -> float:
-    started = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def time_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, steps: int,
+               clock=time.perf_counter) -> float:
+    """Seconds per training step on ``clock`` (wall time by default)."""
+    started = clock()
     for _ in range(steps):
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - started) / steps
+    return (clock() - started) / steps
 
 
 def main() -> None:
@@ -71,9 +76,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ablate", action="store_true", help="also time features-every-10 with one piece off")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall time, or this thread's CPU time (less disturbed by other jobs on a shared machine)")
     args = parser.parse_args()
+    clock = CLOCKS[args.clock]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x "
-          f"{args.repeats} repeats, medians; CPU {cpu_description()}")
+          f"{args.repeats} repeats, medians of {args.clock} time; CPU {cpu_description()}")
     for name, (model, x, y) in models().items():
         params = sum(p.numel() for p in model.parameters())
         builders = {
@@ -94,7 +102,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for label in list(runs)[::1 if repeat % 2 == 0 else -1]:
                 net, optimizer = runs[label]
-                times[label].append(time_steps(net, optimizer, x, y, args.steps))
+                times[label].append(time_steps(net, optimizer, x, y, args.steps, clock))
         base = statistics.median(times["adamw"])
         print(f"\n{name} ({params:,} parameters)")
         for label, values in times.items():
@@ -104,9 +112,9 @@ def main() -> None:
             net, optimizer = runs["ribbed (features every 10)"]
             plain_net, adamw = runs["adamw"]
             steps = 40  # four feature refreshes
-            step_ms = time_steps(plain_net, adamw, x, y, steps) * 1e3
+            step_ms = time_steps(plain_net, adamw, x, y, steps, clock) * 1e3
             with optimizer.profiled() as timings:
-                time_steps(net, optimizer, x, y, steps)
+                time_steps(net, optimizer, x, y, steps, clock)
             print(f"  per transform (features every 10, {steps} steps; AdamW's whole training step "
                   f"{step_ms:.3f} ms here):")
             for key, seconds in sorted(timings.items(), key=lambda item: -item[1]):

@@ -157,19 +157,24 @@ class ActivationStats:
 
 def bin_indices(samples: torch.Tensor, bins: int) -> torch.Tensor:
     """Bin of every entry of ``samples [S, n]``: ``bins`` equal bins between each column's min
-    and max, as ``[S, n]`` integers in ``[0, bins)`` (a constant column falls in bin 0)."""
+    and max, as ``[S, n]`` ``int32`` in ``[0, bins)`` (a constant column falls in bin 0).
+
+    ``int32``, not ``int64``: half the memory traffic in the conversion, the offsets and the
+    ``bincount`` that follow (the bins are the same; a NaN sample lands in bin 0 either way)."""
     low = samples.amin(0)
     span = (samples.amax(0) - low).clamp_min_(1e-12)
-    return samples.sub(low).div_(span).mul_(bins).long().clamp_(0, bins - 1)
+    return samples.sub(low).div_(span).mul_(bins).to(torch.int32).clamp_(0, bins - 1)
 
 
 def offset_counts(index: torch.Tensor, cells: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-column histograms ``[n, cells]`` of integer cells ``index [S, n]`` (values in
     ``[0, cells)``): column ``j``'s cells are shifted by ``j * cells`` so one ``bincount``
     counts every column at once (integer counts: exact, and an order of magnitude faster on
-    CPU than a floating-point ``scatter_add``)."""
+    CPU than a floating-point ``scatter_add``). The offsets keep ``index``'s integer type
+    while ``n * cells`` fits it."""
     n = index.shape[1]
-    flat = index + torch.arange(n, device=index.device) * cells
+    offset_dtype = index.dtype if n * cells <= torch.iinfo(index.dtype).max else torch.int64
+    flat = index.to(offset_dtype) + torch.arange(0, n * cells, cells, device=index.device, dtype=offset_dtype)
     return torch.bincount(flat.reshape(-1), minlength=n * cells).view(n, cells).to(dtype)
 
 
