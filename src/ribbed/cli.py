@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,6 +28,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:  # imported where used: ribbed.config loads pydantic and the registries
     from ribbed.config import ComparisonConfig, RunConfig, StudyConfig
+    from ribbed.train.hooks import TrainingHook
 
 app = typer.Typer(
     name="ribbed",
@@ -75,7 +76,7 @@ def _options(
         load_extensions()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     """Print ``error: message`` as one line and exit 2; with ``--debug``, the traceback of the
     exception being handled (if any) comes first."""
     import sys
@@ -261,7 +262,7 @@ def run(
     runs_dir: RunsDir = None,
 ) -> None:
     """Run a preset or config file: one run, a comparison of methods x datasets x seeds, or a study."""
-    from ribbed.config import ComparisonConfig, ConfigError, RunConfig, StudyConfig
+    from ribbed.config import ComparisonConfig, ConfigError, MethodConfig, RunConfig, StudyConfig
     from ribbed.distributed.launch import worker_runs_dir
     from ribbed.experiments.harness import fast_dev_config, run_comparison, run_single
     from ribbed.experiments.studies import run_study
@@ -288,7 +289,7 @@ def run(
             if isinstance(cfg, RunConfig):
                 cfg = ComparisonConfig(
                     name=cfg.name, baseline=cfg.optimizer.name, seeds=seeds, base=cfg,
-                    methods={cfg.optimizer.name: {"optimizer": cfg.optimizer}},
+                    methods={cfg.optimizer.name: MethodConfig(optimizer=cfg.optimizer)},
                 )
             else:
                 cfg = cfg.model_copy(update={"seeds": seeds})
@@ -358,14 +359,18 @@ def _quiet_unless_main_rank() -> None:
     console.quiet = launched_rank() != 0
 
 
-class _Messages:
+def _messages() -> TrainingHook:
     """A training hook that prints what the loop reports (checkpoints skipped, resumed from)."""
+    from ribbed.train.hooks import TrainingHook
 
-    def on_message(self, text: str) -> None:
-        console.print(text, highlight=False, markup=False)
+    class _Messages(TrainingHook):
+        def on_message(self, text: str) -> None:
+            console.print(text, highlight=False, markup=False)
+
+    return _Messages()
 
 
-def _interrupted(exc: KeyboardInterrupt, root: Path) -> None:
+def _interrupted(exc: KeyboardInterrupt, root: Path) -> NoReturn:
     """Say where an interrupted run stopped and how to continue it; exit 130 (Ctrl-C) or 143 (SIGTERM)."""
     from ribbed.runs import open_run
     from ribbed.train.interrupts import TrainingInterrupted
@@ -464,7 +469,7 @@ def resume(
     try:
         with _progress_bars() as bars:
             callback = RichProgress(bars, 1).start_run(record.id, cfg.train.steps)
-            result = train(parts, record=record, callbacks=[callback, _Messages()], resume=True)
+            result = train(parts, record=record, callbacks=[callback, _messages()], resume=True)
     except KeyboardInterrupt as exc:
         record.record_error(exc, step=getattr(exc, "step", None))
         _interrupted(exc, root)

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import yaml
@@ -27,7 +28,7 @@ import yaml
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found]  # a dependency on Python 3.10 only
 
 __all__ = ["MAX_DEPTH", "MAX_NODES", "DocumentError", "load_document"]
 
@@ -113,7 +114,8 @@ def _check_graph(root: yaml.Node) -> None:
     children before parents (an iterative post-order walk, no recursion), so an alias bomb is
     measured, not expanded.
     """
-    open_, measured = object(), {}  # id(node) -> open_ while its children are walked, then (size, height)
+    walking: set[int] = set()  # id(node) of the nodes whose children are being walked
+    measured: dict[int, tuple[int, int]] = {}  # id(node) -> (size, height), once its children are
     stack = [(root, False)]
     while stack:
         node, children_done = stack.pop()
@@ -128,13 +130,14 @@ def _check_graph(root: yaml.Node) -> None:
                 raise DocumentError(
                     f"config expands to more than {MAX_NODES} values (YAML aliases repeating aliases?); "
                     f"allowed: at most {MAX_NODES}")
+            walking.discard(key)
             measured[key] = (size, height)
             continue
-        if measured.get(key) is open_:
+        if key in walking:
             raise DocumentError(f"a YAML alias refers to a node that contains it (line {node.start_mark.line + 1})")
         if key in measured:
             continue
-        measured[key] = open_
+        walking.add(key)
         if isinstance(node, yaml.MappingNode):
             _check_unique_keys(node)
         stack.append((node, True))
@@ -166,6 +169,7 @@ def _depth(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):

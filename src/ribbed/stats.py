@@ -84,7 +84,7 @@ def welch_test(a: Iterable[float], b: Iterable[float]) -> float:
     return float(scipy_stats.ttest_ind(x, y, equal_var=False).pvalue)
 
 
-def group_runs(runs: Sequence[Run], baseline: str) -> dict[str, dict[str, list[Run]]]:
+def group_runs(runs: Sequence[Run], baseline: str | None) -> dict[str, dict[str, list[Run]]]:
     """Group runs as ``{dataset: {method: [runs]}}`` in report order.
 
     Datasets keep their first-seen order; within a dataset the baseline comes first,
