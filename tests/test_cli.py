@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 
 from ribbed.cli import app
 from ribbed.runs import list_runs, open_run
+from tests import processes
 from tests.conftest import tiny_dict
+from tests.processes import Deadline, finish, limit
 
 runner = CliRunner()
 
@@ -111,48 +113,38 @@ def test_two_processes_share_one_runs_directory(tmp_path):
     config = _write_config(tmp_path / "tiny.yaml", tiny_dict(train={"steps": 20, "eval_every": 10}))
     runs_dir = tmp_path / "runs"
     processes = [_ribbed("run", str(config), runs_dir=runs_dir) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    outputs = [finish(p, limit(300, starts=2, work_s=1)) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     rows = list_runs(runs_dir)
     assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
 
 
-def _wait_for_checkpoint(record_dir: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        if (record_dir / "checkpoints" / "manifest.json").is_file():
-            return
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared")
-
-
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     doc = tiny_dict(
         model={"name": "mlp", "options": {"hidden": [64, 64], "dropout": 0.2}},
-        train={"steps": 4000, "eval_every": 200, "checkpoint_every": 200, "threads": 1},  # same in both processes
+        train={"steps": 1000, "eval_every": 100, "checkpoint_every": 100, "threads": 1},  # same in both processes
     )
     config = _write_config(tmp_path / "resume.yaml", doc)
     whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
 
-    whole = _ribbed("run", str(config), runs_dir=whole_dir)
-    assert whole.wait(timeout=300) == 0, whole.stdout.read()
-
+    whole = _ribbed("run", str(config), runs_dir=whole_dir)  # alongside the run to kill: one start-up's wait
     killed = _ribbed("run", str(config), runs_dir=killed_dir)
-    deadline = time.monotonic() + 120
-    while not list(killed_dir.glob("*/run.json")):
-        assert time.monotonic() < deadline and killed.poll() is None
+    first_checkpoint = Deadline("first checkpoint of the run to kill", limit(120, starts=2, work_s=1))
+    while not (manifests := list(killed_dir.glob("*/checkpoints/manifest.json"))):
+        first_checkpoint.check(killed)
         time.sleep(0.05)
-    record_dir = next(killed_dir.glob("*/run.json")).parent
-    _wait_for_checkpoint(record_dir, killed)
-    time.sleep(0.1)  # between two checkpoints
+    record_dir = manifests[0].parent.parent
+    time.sleep(0.1)  # between two checkpoints (a checkpoint every 100 steps, ~0.5 s on a quiet machine)
     killed.send_signal(signal.SIGKILL)
-    killed.wait(timeout=30)
+    finish(killed, limit(30))
     assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (record_dir / "summary.json").exists()
 
     resumed = _ribbed("resume", record_dir.name, runs_dir=killed_dir)
-    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    output = finish(resumed, limit(300, starts=1, work_s=5))
+    assert resumed.returncode == 0, output
+    output = finish(whole, limit(300, starts=1, work_s=5))
+    assert whole.returncode == 0, output
 
     whole_dir_run = next(whole_dir.glob("*/run.json")).parent
     expected = load_file(whole_dir_run / "model.safetensors")
@@ -181,7 +173,7 @@ def test_datasets_and_presets_are_listed():
 
 @pytest.mark.parametrize("module_args", [["-m", "ribbed", "--help"]])
 def test_python_dash_m_works(module_args):
-    out = subprocess.run([sys.executable, *module_args], capture_output=True, text=True, timeout=120)
+    out = processes.run([sys.executable, *module_args], limit(120))
     assert out.returncode == 0 and "run" in out.stdout
 
 
@@ -225,38 +217,44 @@ def test_a_study_records_tables_figures_and_child_runs(tmp_path):
     assert rerendered.exit_code == 0, rerendered.output
 
 
-def _ribbed_run(*args: str, runs_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def _ribbed_run(*args: str, runs_dir: Path) -> subprocess.CompletedProcess:
     """``python -m ribbed ARGS`` with stdout and stderr captured: not a terminal, as when redirected."""
     env = {**os.environ, "RIBBED_RUNS_DIR": str(runs_dir)}
-    return subprocess.run([sys.executable, "-m", "ribbed", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return processes.run([sys.executable, "-m", "ribbed", *args], limit(300, starts=1, work_s=2), env=env)
 
 
-def test_redirected_run_logs_plain_progress_lines_and_records_threads_and_device(tmp_path):
+@pytest.fixture(scope="module")
+def redirected(tmp_path_factory):
+    """One ``python -m ribbed run`` with its output redirected: its log, the record it made and the
+    config it ran, for the tests of the log, of ``evaluate`` and of a rewritten report."""
+    root = tmp_path_factory.mktemp("redirected")
+    config = _write_config(root / "tiny.yaml", tiny_dict(train={"steps": 40, "eval_every": 20, "log_every": 10}))
+    done = _ribbed_run("run", str(config), "--threads", "1", runs_dir=root / "runs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = list_runs(root / "runs")
+    return done, open_run(root / "runs", row["id"]), config
+
+
+def test_redirected_run_logs_plain_progress_lines_and_records_threads_and_device(redirected, tmp_path):
     from ribbed.train.hardware import available_devices
 
-    config = _write_config(tmp_path / "tiny.yaml",
-                           tiny_dict(train={"steps": 40, "eval_every": 20, "log_every": 10}))
-    done = _ribbed_run("run", str(config), "--threads", "1", runs_dir=tmp_path / "runs")
-    assert done.returncode == 0, done.stdout + done.stderr
+    done, record, config = redirected
     logged = re.findall(r"^tiny: step (\d+)/40  loss \d+\.\d{4}  [\d.]+ steps/s  eta \S+$", done.stdout, flags=re.M)
     assert logged == ["10", "20", "30", "40"], done.stdout
     assert "p vs baseline" in done.stdout  # the results table is not cut to 80 columns in a log file
-    (row,) = list_runs(tmp_path / "runs")
-    record = open_run(tmp_path / "runs", row["id"])
     summary = record.read_summary()
     assert summary["threads"] == 1 and summary["device"] == available_devices()[0]
     assert record.read_config()["train"]["threads"] == 1  # recorded, so a resume uses the same count
     assert record.read_config()["train"]["device"] == "auto"
 
-    refused = _ribbed_run("run", str(config), "--threads", "0", runs_dir=tmp_path / "runs")
-    assert refused.returncode == 2 and "--threads" in refused.stderr + refused.stdout
+    refused = _invoke("run", str(config), "--threads", "0", "--runs-dir", str(tmp_path / "runs"))
+    assert refused.exit_code == 2 and "--threads" in refused.output
 
 
 def test_comparison_takes_run_overrides_and_fast_dev_runs_every_member(tmp_path):
     runs_dir = tmp_path / "runs"
-    done = _ribbed_run("run", "default", "--fast-dev-run", "--set", "train.log_every=1", runs_dir=runs_dir)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = _invoke("run", "default", "--fast-dev-run", "--set", "train.log_every=1", "--runs-dir", str(runs_dir))
+    assert done.exit_code == 0, done.output
     (parent,) = list_runs(runs_dir, kind="comparison")
     children = list_runs(runs_dir, parent=parent["id"])
     assert sorted(c["method"] for c in children) == ["adam-hd", "adamw", "ribbed", "sgd"]
@@ -264,7 +262,7 @@ def test_comparison_takes_run_overrides_and_fast_dev_runs_every_member(tmp_path)
     for child in children:
         record = open_run(runs_dir, child["id"])
         assert record.read_summary()["steps"] == 3 and record.read_config()["train"]["log_every"] == 1
-    assert "adamw · mnist1d/cnn1d · seed 0: step 1/3  loss" in done.stdout
+    assert "adamw · mnist1d/cnn1d · seed 0: step 1/3  loss" in done.output
 
     result = _invoke("run", "default", "--set", "optimizer.lr=0.1", "--runs-dir", str(runs_dir))
     assert result.exit_code == 2 and "did you mean methods.adamw.optimizer.lr" in result.output
@@ -285,8 +283,8 @@ def test_a_study_fast_dev_runs_with_its_stated_options_and_one_without_them_is_r
     for name in list_presets():  # every preset can be shortened (each was run so once)
         fast_dev_config(load_config(preset_path(name)))
     runs_dir = tmp_path / "runs"
-    done = _ribbed_run("run", "ribbed-phase1", "--fast-dev-run", runs_dir=runs_dir)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = _invoke("run", "ribbed-phase1", "--fast-dev-run", "--runs-dir", str(runs_dir))
+    assert done.exit_code == 0, done.output
     (study,) = list_runs(runs_dir, kind="study")
     options = open_run(runs_dir, study["id"]).read_config()["options"]
     assert options["steps"] == 3 and options["seeds"] == 1
@@ -340,36 +338,32 @@ def test_compare_warns_about_what_differs_beyond_the_method(tmp_path):
     assert "train.steps differs: adamw 20; sgd 30" in (record.path / "report.md").read_text()
 
 
-def test_evaluate_tests_saved_weights_on_the_runs_data_or_another(tmp_path):
-    runs_dir = tmp_path / "runs"
-    config = _write_config(tmp_path / "tiny.yaml", tiny_dict(train={"steps": 20, "eval_every": 10}))
-    assert _invoke("run", str(config), "--runs-dir", str(runs_dir)).exit_code == 0
-    (row,) = list_runs(runs_dir)
-    final = open_run(runs_dir, row["id"]).read_summary()["final"]
+def test_evaluate_tests_saved_weights_on_the_runs_data_or_another(redirected):
+    _, record, _ = redirected
+    runs_dir = record.path.parent
+    final = record.read_summary()["final"]
 
-    done = _ribbed_run("evaluate", row["id"], "--json", runs_dir=runs_dir)
-    assert done.returncode == 0, done.stderr
+    done = _invoke("evaluate", record.id, "--json", "--runs-dir", str(runs_dir))
+    assert done.exit_code == 0, done.output
     result = json.loads(done.stdout)
     assert result["split"] == "test" and result["dataset"] == "digits"
     assert result["acc"] == final["test_acc"] and result["loss"] == pytest.approx(final["test_loss"], rel=1e-6)
 
-    other_seed = _invoke("evaluate", row["id"], "--split", "val", "--set", "data.seed=3", "--json",
+    other_seed = _invoke("evaluate", record.id, "--split", "val", "--set", "data.seed=3", "--json",
                          "--runs-dir", str(runs_dir))
     assert other_seed.exit_code == 0, other_seed.output
     assert "recorded_acc" not in json.loads(other_seed.output)  # other data: nothing recorded to match
 
-    misfit = _invoke("evaluate", row["id"], "--data", "mnist1d", "--runs-dir", str(runs_dir))
+    misfit = _invoke("evaluate", record.id, "--data", "mnist1d", "--runs-dir", str(runs_dir))
     assert misfit.exit_code == 2 and "do not fit" in misfit.output and "mnist1d" in misfit.output
-    bad_split = _invoke("evaluate", row["id"], "--split", "dev", "--runs-dir", str(runs_dir))
+    bad_split = _invoke("evaluate", record.id, "--split", "dev", "--runs-dir", str(runs_dir))
     assert bad_split.exit_code == 2 and "'dev'" in bad_split.output and "test, val, train" in bad_split.output
 
 
-def test_a_rewritten_report_still_shows_the_command_that_made_the_run(tmp_path):
-    runs_dir = tmp_path / "runs"
-    config = _write_config(tmp_path / "tiny.yaml", tiny_dict(train={"steps": 10, "eval_every": 10}))
-    assert _ribbed_run("run", str(config), runs_dir=runs_dir).returncode == 0
-    (row,) = list_runs(runs_dir)
-    rewritten = _ribbed_run("report", row["id"], runs_dir=runs_dir)
-    assert rewritten.returncode == 0, rewritten.stderr
-    markdown = (open_run(runs_dir, row["id"]).path / "report.md").read_text()
+def test_a_rewritten_report_still_shows_the_command_that_made_the_run(redirected, monkeypatch):
+    _, record, config = redirected
+    monkeypatch.setattr(sys, "argv", ["ribbed", "report", record.id])  # what `ribbed report ID` sees
+    rewritten = _invoke("report", record.id, "--runs-dir", str(record.path.parent))
+    assert rewritten.exit_code == 0, rewritten.output
+    markdown = (record.path / "report.md").read_text()
     assert f"ribbed run {config}" in markdown and "ribbed report" not in markdown
