@@ -225,9 +225,12 @@ def method_run_config(
     if method.gradient_method:
         doc["train"]["gradient_method"] = method.gradient_method
     try:
-        return config_from_dict(doc)
+        config = config_from_dict(doc)
     except ConfigError as exc:
         raise ConfigError(f"method {method_name!r} (the base run with its overrides): {exc}") from None
+    if not isinstance(config, RunConfig):
+        raise ConfigError(f"method {method_name!r}: its overrides make the base run a {config.kind}; allowed: a run")
+    return config
 
 
 FAST_DEV_STEPS = 3
@@ -352,7 +355,7 @@ def run_comparison(
         raise
 
     target = comparison.base.train.target
-    per_dataset = {}
+    per_dataset: dict[str, dict[str, Any]] = {}
     for label, (entry, _) in datasets.items():
         metric, mode = comparison.entry_metric(entry)
         entry_target = method_run_config(comparison, comparison.baseline, entry, comparison.seed_list[0]).train.target

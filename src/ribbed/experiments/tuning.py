@@ -39,14 +39,22 @@ def apply_params(optimizer: OptimizerConfig, params: dict[str, Any]) -> Optimize
 
 def grid_values(dim: SearchDimension, points: int) -> list[float]:
     """``points`` values evenly spaced over ``dim``'s range (in log when ``dim.log``)."""
+    low, high = _range(dim)
     if points == 1:
-        return [math.sqrt(dim.low * dim.high) if dim.log else (dim.low + dim.high) / 2]
+        return [math.sqrt(low * high) if dim.log else (low + high) / 2]
     if dim.log:
-        low, high = math.log(dim.low), math.log(dim.high)
-        inner = [math.exp(low + (high - low) * i / (points - 1)) for i in range(1, points - 1)]
+        log_low, log_high = math.log(low), math.log(high)
+        inner = [math.exp(log_low + (log_high - log_low) * i / (points - 1)) for i in range(1, points - 1)]
     else:
-        inner = [dim.low + (dim.high - dim.low) * i / (points - 1) for i in range(1, points - 1)]
-    return [dim.low, *inner, dim.high]  # the ends exactly: a rounded exp could fall outside the range
+        inner = [low + (high - low) * i / (points - 1) for i in range(1, points - 1)]
+    return [low, *inner, high]  # the ends exactly: a rounded exp could fall outside the range
+
+
+def _range(dim: SearchDimension) -> tuple[float, float]:
+    """``dim``'s ``low`` and ``high`` (both set when it has no ``choices``: SearchDimension checks)."""
+    if dim.low is None or dim.high is None:
+        raise ValueError(f"search dimension {dim}: choices, not a range; allowed: low and high")
+    return dim.low, dim.high
 
 
 def lr_bracket(tried: list[float], best: float) -> dict[str, Any]:
@@ -61,7 +69,8 @@ def lr_bracket(tried: list[float], best: float) -> dict[str, Any]:
 def _suggest(trial: optuna.Trial, name: str, dim: SearchDimension) -> Any:
     if dim.choices is not None:
         return trial.suggest_categorical(name, dim.choices)
-    return trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+    low, high = _range(dim)
+    return trial.suggest_float(name, low, high, log=dim.log)
 
 
 def tune_method(
