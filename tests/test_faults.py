@@ -1,8 +1,9 @@
 """Faults an operator meets: damaged checkpoints, a damaged or read-only index, a full disk,
 links in a run dir, broken run files, hostile CIFAR-10 batches, Ctrl-C, and resuming runs and
 comparisons. Each test injects the fault and checks the one-line error, the state left behind,
-and that nothing outside the run dir changed. The interrupt and resume paths go through the
-real command (``python -m ribbed``) in a subprocess."""
+and that nothing outside the run dir changed. Ctrl-C and ``resume --nproc`` go through the real
+command (``python -m ribbed``) in a subprocess; the other resumes call the command in-process
+(``tests/test_cli.py`` resumes a SIGKILLed run through the real command)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from ribbed.runs import atomic_write_bytes, create_run, list_runs, open_run
 from ribbed.runs.index import index_path
 from ribbed.train import build_run, train
 from ribbed.train.checkpoint import CheckpointError, CheckpointStore, save_checkpoint
+from tests import processes
 from tests.conftest import StopAfter, tiny_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,10 +86,9 @@ def _copy_run(source: Path, runs_dir: Path):
     return open_run(runs_dir, source.name)
 
 
-def _ribbed(*args: str, runs_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def _ribbed(*args: str, runs_dir: Path, allowed: processes.Limit) -> subprocess.CompletedProcess:
     env = {**os.environ, "RIBBED_RUNS_DIR": str(runs_dir), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "ribbed", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return processes.run([sys.executable, "-m", "ribbed", *args], allowed, env=env)
 
 
 def _newest(record) -> Path:
@@ -262,16 +263,16 @@ def test_resume_through_the_command_then_refuses_the_finished_run(stopped, unint
     record = _copy_run(stopped, tmp_path / "runs")
     _truncate(_newest(record))
 
-    out = _ribbed("resume", record.id, runs_dir=tmp_path / "runs")
+    out = runner.invoke(app, ["resume", record.id, "--runs-dir", str(tmp_path / "runs")])
 
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.exit_code == 0, out.output
     assert "skipped a damaged checkpoint" in out.stdout and "resuming from step 10" in out.stdout
     assert record.read_summary()["status"] == "completed"
     weights = load_file(record.path / "model.safetensors")
     assert all(torch.equal(weights[name], uninterrupted[0][name]) for name in weights)
     before = (record.path / "summary.json").read_bytes()
 
-    again = runner.invoke(app, ["resume", record.id, "--runs-dir", str(tmp_path / "runs")])  # in-process: faster
+    again = runner.invoke(app, ["resume", record.id, "--runs-dir", str(tmp_path / "runs")])
 
     assert again.exit_code == 2
     assert "already finished (completed after 40 steps)" in " ".join(again.output.split())
@@ -285,12 +286,12 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path):
     env = {**os.environ, "RIBBED_RUNS_DIR": str(runs_dir), "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
     process = subprocess.Popen([sys.executable, "-m", "ribbed", "run", str(config)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
+    first_checkpoint = processes.Deadline("first checkpoint", processes.limit(120, starts=1, work_s=1))
     while not list(runs_dir.glob("*/checkpoints/manifest.json")):
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        first_checkpoint.check(process)
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=60)
+    output = processes.finish(process, processes.limit(60))
 
     assert process.returncode == 130, output
     (row,) = list_runs(runs_dir)
@@ -339,9 +340,9 @@ def test_an_interrupted_comparison_resumes_reusing_its_finished_members(digits, 
     assert (members["adamw"]["status"], members["sgd"]["status"]) == ("completed", "interrupted")
     finished_summary = (Path(members["adamw"]["path"]) / "summary.json").read_bytes()
 
-    out = _ribbed("resume", parent["id"], runs_dir=runs_dir)
+    out = runner.invoke(app, ["resume", parent["id"], "--runs-dir", str(runs_dir)])
 
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.exit_code == 0, out.output
     assert f"reusing {members['adamw']['id']}" in out.stdout
     after = {row["method"]: row for row in list_runs(runs_dir, parent=parent["id"])}
     assert {m: r["id"] for m, r in after.items()} == {m: r["id"] for m, r in members.items()}  # no new runs
@@ -682,7 +683,8 @@ def test_resume_nproc_continues_a_distributed_run_on_two_processes(stopped, tmp_
     record.config_path.write_text(yaml.safe_dump(config))
     before = record.read_metrics()
 
-    out = _ribbed("resume", record.id, "--nproc", "2", runs_dir=tmp_path / "runs", timeout=300)
+    out = _ribbed("resume", record.id, "--nproc", "2", runs_dir=tmp_path / "runs",
+                  allowed=processes.limit(300, starts=3, work_s=5))  # the launcher and two ranks
 
     assert out.returncode == 0, out.stdout + out.stderr
     assert record.read_summary()["status"] == "completed"
