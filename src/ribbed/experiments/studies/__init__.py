@@ -99,8 +99,9 @@ class StudyContext:
 
     def steps(self, items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
         """Iterate ``items`` with a progress bar (one tick per item)."""
-        items = list(items) if total is None else items
-        total = len(items) if total is None else total
+        if total is None:
+            items = list(items)
+            total = len(items)
         import torch
 
         from ribbed.train.hooks import HookList, StepBatch
@@ -141,7 +142,7 @@ class StudyContext:
             self.message(f"{label or method}: reusing {record.id} ({record.read_meta()['status']})")
             return record, recorded_result(record, parts)
         resume = record is not None
-        if resume:
+        if record is not None:
             record.set_status("running")
         else:
             record = create_run(

@@ -129,17 +129,18 @@ def plasticity(
     kind = streams[seed_list[0]].kind
     mode = "min" if kind == "regression" else "max"
     metric = "online squared error" if kind == "regression" else "online accuracy"
-    settings = {"tasks": tasks, "hidden": list(hidden), "batch_size": batch_size, "probe": probe}
+    settings: dict[str, Any] = {"tasks": tasks, "hidden": list(hidden), "batch_size": batch_size, "probe": probe}
 
     tuning: dict[str, dict[str, Any]] = {}
     if tune:
         tuning_stream = build_stream(stream, seed=tune_seed, **stream_options)
         for method in context.steps(available, label="tuning (lr grid)"):
             context.message(f"tuning {method.name} over {len(lr_grid)} learning rates")
-            tuning[method.name] = tune_lr(
-                lambda lr, m=method: run_online(tuning_stream, Method(m.name, m.optimizer, lr, m.options),
-                                                seed=tune_seed, **settings),
-                lr_grid, mode=mode, fraction=last_fraction)
+
+            def trial(lr: float, m: Method = method) -> OnlineRun:
+                return run_online(tuning_stream, Method(m.name, m.optimizer, lr, m.options), seed=tune_seed, **settings)
+
+            tuning[method.name] = tune_lr(trial, lr_grid, mode=mode, fraction=last_fraction)
         available = [Method(m.name, m.optimizer, tuning[m.name]["best_lr"], m.options) for m in available]
 
     runs: list[OnlineRun] = []
@@ -212,7 +213,8 @@ def _headline_table(rows, runs, methods, metric, fraction) -> Table:
 
 
 def _pairwise_table(runs: list[OnlineRun], names: list[str], fraction: float) -> Table:
-    values = {n: [r.headline(fraction) for r in runs if r.method == n and r.status == "completed"] for n in names}
+    values = {n: [h for r in runs if r.method == n and (h := r.headline(fraction)) is not None]  # None: diverged
+              for n in names}
     body = [[a, *["-" if a == b else _none_if_nan(stats.welch_test(values[a], values[b])) for b in names]]
             for a in names]
     return Table("Pairwise Welch tests of the headline metric (p-values)", ["method", *names], body,
@@ -270,7 +272,7 @@ def _figures(runs: list[OnlineRun], names: list[str], metric: str, mode: str,
     fig = Figure(figsize=(max(5.0, 1.1 * len(names) + 2.0), 3.8), layout="constrained")
     ax = fig.add_subplot()
     for x, name in enumerate(names):
-        values = [r.headline(fraction) for r in runs if r.method == name and r.status == "completed"]
+        values = [h for r in runs if r.method == name and (h := r.headline(fraction)) is not None]  # None: diverged
         if not values:
             continue
         mean, low, high = stats.mean_ci(values)

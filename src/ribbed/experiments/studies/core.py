@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from matplotlib.figure import Figure
@@ -54,6 +54,7 @@ def _fit(optimizer_name: str, lr: float, seed: int, steps: int, inputs: int, noi
     x, y = _regression(seed, inputs, 256, noise)
     torch.manual_seed(seed)
     neuron = nn.Linear(inputs, 1)
+    optimizer: torch.optim.Optimizer
     if optimizer_name == "sgd":
         optimizer = torch.optim.SGD(neuron.parameters(), lr=lr)
     else:
@@ -99,8 +100,11 @@ def phase1(context, *, learning_rates: tuple[float, ...] = (0.003, 0.05, 0.9), s
                   for name in ("sgd", "ribbed")}
         for name, runs in traces.items():
             finals = [run["loss"][-1] for run in runs if math.isfinite(run["loss"][-1])]
-            mean, low, high = mean_ci(finals) if finals else (None, None, None)
-            half_width = (high - low) / 2 if len(finals) > 1 else None
+            mean: float | None = None
+            half_width: float | None = None
+            if finals:
+                mean, low, high = mean_ci(finals)
+                half_width = (high - low) / 2 if len(finals) > 1 else None
             reached = [s for s in (_steps_to(run["loss"], loss_target) for run in runs) if s is not None]
             rows.append([lr, name, "diverged" if mean is None else mean, half_width,
                          f"{seeds - len(finals)}/{seeds}", f"{len(reached)}/{seeds}",
@@ -181,7 +185,9 @@ def metabp_dynamics(context, *, dataset: str = "mnist1d", hidden: tuple[int, ...
     """Train an MLP with RIBBED variants; plot per-neuron dynamics and compare final accuracy."""
     from ribbed.config import RunConfig
 
-    summary_rows, curves, heatmaps = [], {}, None
+    summary_rows: list[list[Any]] = []
+    curves: dict[str, dict[str, list[float] | list[int]]] = {}
+    heatmaps: _NeuronSnapshots | None = None
     for variant, switches in context.steps(DYNAMICS_VARIANTS.items(), "variants"):
         finals, snapshots = [], []
         for seed in range(seeds):
@@ -210,6 +216,7 @@ def metabp_dynamics(context, *, dataset: str = "mnist1d", hidden: tuple[int, ...
         curves[variant]["steps"] = first.steps
         if heatmaps is None:
             heatmaps = first
+    assert heatmaps is not None  # DYNAMICS_VARIANTS is not empty
     figures = []
     figure = Figure(figsize=(13, 3.4), layout="constrained")
     for index, name in enumerate(("multiplier", "coupling", "surprise")):
@@ -321,12 +328,12 @@ def coupling_scaling(context, *, neurons: tuple[int, ...] = (1000, 10000, 100000
             rows.append([name, sweep, record["n"], record["k"], record["route_s"] * 1e3,
                          record["prepare_s"] * 1e3, record["agreement"], record["distance_ratio"]])
     figure = Figure(figsize=(11, 4), layout="constrained")
-    for index, (sweep, key, fixed) in enumerate(((by_n, "n", f"K = {fixed_controllers}"),
-                                                 (by_k, "k", f"N = {fixed_neurons:,}"))):
+    for index, (measured, key, fixed) in enumerate(((by_n, "n", f"K = {fixed_controllers}"),
+                                                    (by_k, "k", f"N = {fixed_neurons:,}"))):
         ax = figure.add_subplot(1, 2, index + 1)
         for name in strategies:
             slope = slopes[name]["slope_n" if key == "n" else "slope_k"]
-            ax.loglog([r[key] for r in sweep[name]], [r["route_s"] * 1e3 for r in sweep[name]],
+            ax.loglog([r[key] for r in measured[name]], [r["route_s"] * 1e3 for r in measured[name]],
                       marker="o", label=f"{name} (slope {slope:.2f})")
         ax.set_xlabel("neurons N" if key == "n" else "controllers K")
         ax.set_ylabel("route time per step (ms)")
@@ -436,7 +443,8 @@ def lr_sensitivity(context, *, dataset: str = "mnist1d", model: str = "cnn1d", n
                 finals.append(float(value) if value is not None and math.isfinite(value) else 0.0)
             accuracy[name].append(finals)
     log_grid = [math.log10(lr) for lr in grid]
-    rows, curves = [], {}
+    rows: list[list[Any]] = []
+    curves = {}
     for name, per_lr in accuracy.items():
         means = [statistics.fmean(finals) for finals in per_lr]
         curves[name] = [mean_ci(finals) for finals in per_lr]

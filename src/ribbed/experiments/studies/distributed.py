@@ -12,6 +12,7 @@ memory to DDP's at the same process count and plots memory and step time.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def measure_strategies(
 ) -> dict[str, dict[str, float]]:
     """Train ``base`` under each strategy on ``nproc`` processes; each run's last metrics row."""
     args = ["--runs-dir", str(runs_dir)] + (["--parent", parent] if parent else [])
-    labels = {}
+    labels: dict[str, str] = {}
     for label, distributed in strategies.items():
         doc = deep_merge(base, {"name": f"zero-compare-{nproc}", "train": {"distributed": distributed}})
         config = RunConfig.model_validate(doc)  # reject a bad setting before launching
@@ -76,7 +77,7 @@ def measure_strategies(
 
 @register_study("zero-compare", "DDP vs ZeRO-1/2/3 (torch and DeepSpeed): per-rank memory, step time, bytes sent")
 def zero_compare(
-    context, *, run: dict[str, Any], nprocs: list[int] = (2, 4),
+    context, *, run: dict[str, Any], nprocs: Sequence[int] = (2, 4),
     strategies: dict[str, dict[str, Any]] | None = None,
 ) -> StudyResult:
     """``run``: the base run config (its ``train.distributed`` is set per strategy);

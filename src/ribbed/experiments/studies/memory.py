@@ -48,6 +48,8 @@ def _comparison(doc: Mapping[str, Any]) -> ComparisonConfig:
         config = config_from_dict({"kind": "comparison", **doc})
     except ConfigError as exc:
         raise ConfigError(f"options.comparison: {exc}") from None
+    if not isinstance(config, ComparisonConfig):
+        raise ConfigError(f"options.comparison: got kind {config.kind!r}; allowed: a comparison (kind: comparison)")
     return config
 
 

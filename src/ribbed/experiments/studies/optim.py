@@ -54,6 +54,7 @@ def _mode_config(base: dict[str, Any], mode: str, seed: int) -> RunConfig:
         config = config_from_dict({**doc, "kind": "run"})
     except ConfigError as exc:
         raise ConfigError(f"options.base: {exc}") from None
+    assert isinstance(config, RunConfig)  # kind: run
     return config
 
 

@@ -13,6 +13,7 @@ the figures.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -82,7 +83,7 @@ def landscape(
     context: StudyContext,
     base: dict[str, Any],
     optimizers: dict[str, dict[str, Any]],
-    seeds: list[int] = (0,),
+    seeds: Sequence[int] = (0,),
     landscape_samples: int = 2048,
     slice_points: int = 41,
     grid_points: int = 21,
@@ -117,7 +118,10 @@ def landscape(
     span_alphas = torch.linspace(-span, span, slice_points)
     grid = torch.linspace(-span, span, grid_points)
 
-    interpolations, slices, surfaces, spectra, histories, finals = {}, {}, {}, {}, {}, {}
+    interpolations, slices, surfaces = {}, {}, {}
+    spectra: dict[str, list[Any]] = {}
+    histories: dict[str, list[Any]] = {}
+    finals: dict[str, list[Any]] = {}
     for label, label_configs in configs.items():
         spectra[label], histories[label], finals[label] = [], [], []
         for config in label_configs:
