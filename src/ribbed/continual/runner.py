@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ribbed.continual.metrics import dead_units, last_fraction_mean, representation_rank
 from ribbed.data.continual import Stream
@@ -78,7 +77,7 @@ class OnlineRun:
         return asdict(self)
 
 
-def build_learner(stream: Stream, hidden: Sequence[int]) -> nn.Module:
+def build_learner(stream: Stream, hidden: Sequence[int]) -> MLP:
     """The learner: an MLP with ReLU hidden layers ``hidden`` and one output per target."""
     return MLP(stream.input_shape, stream.num_outputs, hidden=tuple(hidden), activation="relu")
 

@@ -53,10 +53,9 @@ __all__ = [
     "split_task",
 ]
 
-ScoreFn = Callable[..., torch.Tensor]
 T = TypeVar("T")
 
-DIFFICULTY_SCORES: Registry[ScoreFn] = Registry(
+DIFFICULTY_SCORES: Registry[torch.Tensor] = Registry(  # a scorer returns the scores
     "difficulty score", "data.sampler.options.difficulty", positional=("split", "device")
 )
 
@@ -159,7 +158,7 @@ def reference_scores(
     """
     if measure not in _MEASURES:
         raise ValueError(f"reference option measure: got {measure!r}; allowed: {', '.join(_MEASURES)}")
-    settings = {"model": model, "model_options": model_options, "steps": steps, "lr": lr,
+    settings: dict[str, Any] = {"model": model, "model_options": model_options, "steps": steps, "lr": lr,
                 "batch_size": batch_size, "reference_seed": reference_seed}
     trained = _cached(split, ["reference-model", str(device), settings],
                       lambda: _train_reference(split, device=device, **settings))

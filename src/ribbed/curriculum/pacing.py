@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -31,9 +30,8 @@ from ribbed.registry import Registry
 __all__ = ["PACINGS", "Pacing", "build_pacing", "list_pacings", "register_pacing"]
 
 # f(progress, start, **options) -> fraction, progress a float64 tensor in [0, 1].
-PacingFn = Callable[..., torch.Tensor]
 
-PACINGS: Registry[PacingFn] = Registry(
+PACINGS: Registry[torch.Tensor] = Registry(  # a pacing function returns the fractions
     "pacing function", "data.sampler.options.pacing", positional=("progress", "start")
 )
 

@@ -139,7 +139,7 @@ def _register_paced(name: str, order: str, description: str, hidden: tuple[str, 
         return PacedSampler(split, order=order, **options)
 
     signature = inspect.signature(PacedSampler.__init__)
-    factory.__signature__ = signature.replace(parameters=[
+    factory.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]  # read by inspect.signature
         p for key, p in signature.parameters.items() if key not in ("self", "order", *hidden)
     ])
     factory.__name__ = name.replace("-", "_")
