@@ -39,7 +39,7 @@ class InformationDensityPlugin(TrainingPlugin):
                  correction: str = "miller-madow"):
         self.every = check_integer("every", every)
         check_density_options(bins, max_samples, correction)
-        self.options = {"bins": bins, "max_samples": max_samples, "correction": correction}
+        self.options: dict[str, Any] = {"bins": bins, "max_samples": max_samples, "correction": correction}
 
     def attach(self, parts) -> None:
         self.optimizer = parts.optimizer

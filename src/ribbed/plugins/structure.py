@@ -34,7 +34,7 @@ weights (see ``ribbed.sparse.masks``); RigL's drop-and-grow is reused from ``rib
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ def adapt_layer(weight: torch.Tensor, grad: torch.Tensor | None, mask: torch.Ten
     pruned = max(0, live - keep)
     new = prune_smallest(scores, mask, pruned) if pruned else mask
     regrown = int(regrow_fraction * min(live, keep)) if grad is not None else 0
-    if regrown:
+    if regrown and grad is not None:  # no gradient: nothing regrows
         new = drop_and_grow(scores, grad, new, regrown)
     return new, pruned, regrown
 
@@ -152,7 +152,7 @@ class StructureAdaptation(MaskedWeightsPlugin):
             raise ValueError(f"density_weight={density_weight!r}; allowed: a number >= 0")
         self.update_every, self.guide, self.density_weight = update_every, guide, float(density_weight)
         check_density_options(bins, max_samples, "miller-madow")
-        self.density_options = {"bins": bins, "max_samples": max_samples}
+        self.density_options: dict[str, Any] = {"bins": bins, "max_samples": max_samples}
         self.events: list[dict[str, Any]] = []
         self.pruned = self.regrown = 0
 
@@ -162,7 +162,8 @@ class StructureAdaptation(MaskedWeightsPlugin):
         self.start, self.end = int(self.start_fraction * steps), max(1, int(self.end_fraction * steps))
         self.probe = None
         if self.guide != "magnitude":
-            layers = find_neuron_layers(parts.model, set(self.masks.params), hooks=False)
+            masked = cast(set[nn.Parameter], set(self.masks.params))  # the masked weights are parameters
+            layers = find_neuron_layers(parts.model, masked, hooks=False)
             self.probe = InformationDensity(layers, **self.density_options)
             self.probe.arm(self.is_update(0))
 

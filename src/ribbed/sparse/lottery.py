@@ -97,10 +97,12 @@ class LotteryTicket(MaskedWeightsPlugin):
     def _prune_and_rewind(self) -> None:
         pruned = global_magnitude_prune(self.masks.params, self.masks.masks, self.prune_fraction)
         torch._foreach_copy_(self.masks.masks, pruned)
-        torch._foreach_copy_(self.params, self.snapshot["params"])
+        snapshot = self.snapshot
+        assert snapshot is not None  # taken at rewind_step, before the first round ends (checked in attach)
+        torch._foreach_copy_(self.params, snapshot["params"])
         self.masks.apply_to_weights()
-        self.optimizer.load_state_dict(copy.deepcopy(self.snapshot["optimizer"]))
-        self.scheduler.load_state_dict(self.snapshot["scheduler"])
+        self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+        self.scheduler.load_state_dict(snapshot["scheduler"])
 
     def after_step(self, step: int, batch: StepBatch) -> None:
         super().after_step(step, batch)

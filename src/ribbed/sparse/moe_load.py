@@ -37,7 +37,7 @@ class MoELoad(TrainingPlugin):
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = {"load": 0.0, "dropped": 0.0, "balance": 0.0, "z": 0.0}
+        self.sums: dict[str, Any] = {"load": 0.0, "dropped": 0.0, "balance": 0.0, "z": 0.0}  # tensors once stepped
         self.steps = 0
 
     @torch.no_grad()
