@@ -62,6 +62,7 @@ def contours_figure(surfaces: Mapping[str, Slice2D], *, levels: int = 20) -> Fig
         ax.set_xlabel("α (direction 1)")
         ax.set_ylabel("β (direction 2)")
         ax.set_aspect("equal")
+    assert filled is not None  # one panel per surface, and there is at least one
     fig.colorbar(filled, ax=list(axes), label="log10 loss")
     return fig
 

@@ -115,8 +115,8 @@ def filter_normalized_direction(
 
 def model_difference(start: nn.Module, end: nn.Module) -> Direction:
     """``θ_end - θ_start`` per trainable parameter (the models must have the same shapes)."""
-    return torch._foreach_sub([p.detach() for p in _parameters(end)],
-                              [p.detach() for p in _parameters(start)])
+    return list(torch._foreach_sub([p.detach() for p in _parameters(end)],
+                                   [p.detach() for p in _parameters(start)]))
 
 
 def surface(

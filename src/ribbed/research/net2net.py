@@ -40,7 +40,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -77,11 +77,12 @@ class Growth:
 
 def linear_chain(model: nn.Module) -> list[nn.Linear]:
     """The Linear layers of a growable model: each block's first module, then the head."""
-    blocks, head = getattr(model, "blocks", None), getattr(model, "head", None)
+    blocks: Any = getattr(model, "blocks", None)
+    head: Any = getattr(model, "head", None)
     growable = (
         isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and isinstance(head, nn.Linear)
         and all(isinstance(b, nn.Sequential) and isinstance(b[0], nn.Linear)
-                and all(isinstance(m, _ELEMENTWISE) for m in b[1:]) for b in blocks)
+                and all(isinstance(m, _ELEMENTWISE) for m in list(b)[1:]) for b in blocks)
     )
     if not growable:
         raise ValueError(
@@ -98,7 +99,7 @@ def _state_powers(optimizer: torch.optim.Optimizer | None) -> dict[str, int] | N
     return None
 
 
-def _resize(param: nn.Parameter, new: torch.Tensor, optimizer: torch.optim.Optimizer | None,
+def _resize(param: torch.Tensor, new: torch.Tensor, optimizer: torch.optim.Optimizer | None,
             dim: int, index: torch.Tensor, grad_factor: torch.Tensor) -> None:
     """Give ``param`` the values ``new`` and map its optimiser state along ``dim`` by ``index``."""
     if optimizer is not None and optimizer.state.get(param):
@@ -167,8 +168,9 @@ def deepen(model: nn.Module, block: int, *, optimizer: torch.optim.Optimizer | N
     chain = linear_chain(model)
     if not (isinstance(block, int) and 0 <= block < len(chain) - 1):
         raise ValueError(f"net2net option block: got {block!r}; allowed: 0 to {len(chain) - 2} (a hidden block)")
-    source = model.blocks[block]
-    activations = [m for m in source[1:] if not isinstance(m, nn.Dropout)]
+    blocks = cast(nn.ModuleList, model.blocks)  # linear_chain checked: a ModuleList of Sequentials
+    source = cast(nn.Sequential, blocks[block])
+    activations = [m for m in list(source)[1:] if not isinstance(m, nn.Dropout)]
     if not all(isinstance(m, nn.ReLU) for m in activations):
         raise ValueError(
             f"net2net deepen: block {block} uses {[type(m).__name__ for m in activations]}; allowed: ReLU "
@@ -182,7 +184,7 @@ def deepen(model: nn.Module, block: int, *, optimizer: torch.optim.Optimizer | N
         identity.weight.copy_(torch.eye(width))
         identity.bias.zero_()
     inserted[0] = identity
-    model.blocks.insert(block + 1, inserted)
+    blocks.insert(block + 1, inserted)
     if optimizer is not None:
         group = next(g for g in optimizer.param_groups if any(p is chain[block].weight for p in g["params"]))
         group["params"].extend(identity.parameters())

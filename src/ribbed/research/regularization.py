@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -95,6 +96,8 @@ class DropoutLinear(nn.Module):
         self.linear = nn.Linear(in_features, out_features)
         if dropout == CONCRETE:
             self.dropout: nn.Module = ConcreteDropout(concrete_init, temperature)
+        elif isinstance(dropout, str):
+            raise ValueError(f"dropout: got {dropout!r}; allowed: a rate 0 <= rate < 1 or {CONCRETE!r}")
         else:
             self.dropout = nn.Dropout(dropout)
         self.weight_regularizer, self.dropout_regularizer = weight_regularizer, dropout_regularizer
@@ -102,7 +105,8 @@ class DropoutLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(self.dropout(x))
         if self.training and isinstance(self.dropout, ConcreteDropout):
-            square_sum = sum(p.square().sum() for p in self.linear.parameters())
+            # a tensor, never sum()'s start 0: the Linear has weights
+            square_sum = cast(torch.Tensor, sum(p.square().sum() for p in self.linear.parameters()))
             add_aux_loss(self, self.dropout.regularizer(
                 square_sum, self.linear.in_features, self.weight_regularizer, self.dropout_regularizer))
         return out
