@@ -7,11 +7,13 @@ network feature off, so a test sees only the file itself.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
+from tests import processes
+
 TIMEOUT_S = 60
+"""The floor of a browser call's time limit (``tests/processes.py`` scales it to the machine's load)."""
 NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = (
     "--headless",
@@ -50,10 +52,7 @@ def dump_dom(browser: str, page: Path) -> str:
 
 def _run(browser: str, *args: str) -> str:
     with tempfile.TemporaryDirectory(prefix="ribbed-chromium-") as profile:
-        result = subprocess.run(
-            [browser, *FLAGS, f"--user-data-dir={profile}", *args],
-            capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-        )
+        result = processes.run([browser, *FLAGS, f"--user-data-dir={profile}", *args], processes.limit(TIMEOUT_S))
     if result.returncode != 0:
         raise RuntimeError(f"{browser} exited with {result.returncode}:\n{result.stderr[-2000:]}")
     return result.stdout

@@ -14,7 +14,6 @@ subprocess with compilation on.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests import processes
 from tests.integration_table import CASES
 from tests.ribbed_helpers import mlp, random_batches
 
@@ -37,8 +37,8 @@ TOLERANCE = 1e-5
 def test_the_checks_run_with_compilation_on():
     env = {key: value for key, value in os.environ.items() if key != "TORCH_COMPILE_DISABLE"}
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    done = processes.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+                         processes.limit(600, starts=1, work_s=30), cwd=root, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = done.stdout.splitlines()[-1]
     assert "1 skipped" in summary and "failed" not in summary, summary  # only this test skips there

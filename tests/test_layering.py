@@ -18,7 +18,6 @@ below both (``ribbed.stats``), the torchrun worker that trains recorded runs sit
 from __future__ import annotations
 
 import ast
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import ribbed
+from tests import processes
 
 PACKAGE = Path(ribbed.__file__).parent
 ABOVE_THE_CORE = ("train", "distributed", "data", "runs", "experiments", "report", "cli", "config", "plugins",
@@ -84,7 +84,8 @@ def test_importing_the_core_loads_nothing_built_above_it():
     code = ("import sys, ribbed, ribbed.optim; ribbed.RIBBED, ribbed.AdamHD\n"
             f"above = {ABOVE_THE_CORE!r}\n"
             "print(sorted(m for m in sys.modules if m.startswith('ribbed.') and m.split('.')[1] in above))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    result = processes.run([sys.executable, "-c", code], processes.limit(300))
+    assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", f"importing ribbed.core loaded {result.stdout.strip()}"
 
 
@@ -132,6 +133,6 @@ def test_commands_that_only_read_answer_without_importing_torch(command, tmp_pat
             "try:\n    runpy.run_module('ribbed', run_name='__main__')\nexcept SystemExit as exit:\n"
             "    assert not exit.code, exit.code\n"
             "print('LOADED', sorted(m for m in ('torch', 'ribbed.train') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = processes.run([sys.executable, "-c", code], processes.limit(300))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "LOADED []"

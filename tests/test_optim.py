@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from ribbed.optim.functional import FlatParameters
 from ribbed.optim.library import muon_param_groups
 from ribbed.optim.natural_gradient import fisher_rows
 from ribbed.train import build_run, train
+from tests import processes
 from tests.ribbed_configurations import BATTERY as RIBBED_BATTERY
 from tests.ribbed_configurations import RIBBED_CONFIGURATIONS
 
@@ -565,13 +567,10 @@ def test_precision_study_rejects_unknown_modes(tmp_path):
 def test_every_registry_name_builds_after_importing_ribbed_optim_alone():
     """A fresh interpreter that imports only ``ribbed.optim`` (as the README does) can build the
     optimisers other packages register (RIBBED, Adam-HD, continual backprop)."""
-    import subprocess
-    import sys
-
     script = ("import torch\nfrom ribbed.optim import build_optimizer\nmodel = torch.nn.Sequential("
               "torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
               "for name in ('adam-hd', 'ribbed', 'continual-backprop', 'redo'):\n"
               "    print(type(build_optimizer(name, model, lr=1e-3)).__name__)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = processes.run([sys.executable, "-c", script], processes.limit(300))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["AdamHD", "RIBBED", "Resetting", "Resetting"]

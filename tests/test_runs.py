@@ -26,6 +26,7 @@ from ribbed.runs import (
     rebuild_index,
 )
 from ribbed.runs.index import index_path
+from tests import processes
 
 CONFIG = {"model": {"width": 64, "depth": 2}, "optim": {"name": "ribbed", "lr": 0.01}}
 
@@ -222,8 +223,8 @@ def test_concurrent_processes_all_land_in_index(runs_dir: Path, tmp_path: Path) 
     time.sleep(0.5)  # let the interpreters start so the writes overlap
     go_file.touch()
     for worker in workers:
-        _, stderr = worker.communicate(timeout=120)
-        assert worker.returncode == 0, stderr
+        output = processes.finish(worker, processes.limit(120, starts=3, work_s=1))
+        assert worker.returncode == 0, output
 
     rows = list_runs(runs_dir)
     assert len(rows) == 45
@@ -341,7 +342,8 @@ def test_wandb_tracker_runs_offline_in_the_run_directory(runs_dir: Path, monkeyp
     # wandb >= 0.2x reads its offline log only from its Go core: check the records hold the values
     (offline,) = (record.path / "wandb").glob("offline-run-*")
     path = next(offline.glob("run-*.wandb"))
-    deadline = time.monotonic() + 30  # wandb's core process may still be writing after close()
-    while b"loss" not in (log := path.read_bytes()) and time.monotonic() < deadline:
+    written = processes.Deadline("'loss' in wandb's offline log", processes.limit(30))  # its core process
+    while b"loss" not in (log := path.read_bytes()):  # may still be writing after close()
+        written.check()
         time.sleep(0.2)
     assert b"loss" in log and b"0.25" in log and b"text is skipped" not in log
