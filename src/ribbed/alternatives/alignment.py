@@ -34,10 +34,18 @@ def gradient_cosine(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor |
     pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None or y is not None]
     if not pairs:
         return 0.0
-    flat_a = torch.cat([(x if x is not None else torch.zeros_like(y)).flatten() for x, y in pairs])
-    flat_b = torch.cat([(y if y is not None else torch.zeros_like(x)).flatten() for x, y in pairs])
+    flat_a = torch.cat([_or_zeros(x, y).flatten() for x, y in pairs])
+    flat_b = torch.cat([_or_zeros(y, x).flatten() for x, y in pairs])
     cosine = F.cosine_similarity(flat_a.double(), flat_b.double(), dim=0, eps=1e-30)
     return cosine.clamp(-1.0, 1.0).item()  # rounding can leave |cosine| a hair above 1
+
+
+def _or_zeros(tensor: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor:
+    """``tensor``, or zeros like ``other`` in its place (one of the two is a tensor)."""
+    if tensor is not None:
+        return tensor
+    assert other is not None
+    return torch.zeros_like(other)
 
 
 @register_plugin("gradient-cosine", "cosine between the method's gradient and the true backprop gradient")

@@ -154,9 +154,9 @@ def forward_loss(
     return output, loss, loss if aux is None else loss + aux
 
 
-def injection_loss(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def injection_loss(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | int:
     """``sum_i <output_i, signal_i>`` with signals detached: its gradient at each output is
-    that output's signal, whatever the output's shape."""
+    that output's signal, whatever the output's shape (``0`` for no pairs)."""
     return sum((output * signal.detach().to(output.dtype)).sum() for output, signal in pairs)
 
 
@@ -173,8 +173,10 @@ def add_to_grads(
 ) -> None:
     """``param.grad += scale * update`` for every pair (creating ``.grad`` where it is None)."""
     params = list(params)
+    grads = []
     for param in params:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
     updates = [update.to(param.dtype) for param, update in zip(params, updates, strict=True)]
-    torch._foreach_add_([param.grad for param in params], updates, alpha=scale)
+    torch._foreach_add_(grads, updates, alpha=scale)

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import torch
+import torch.nn.grad
 from torch import nn
 
 from ribbed.alternatives.common import (
@@ -90,7 +92,7 @@ class FeedbackAlignment:
                     f"train.gradient_method 'feedback-alignment': {layer} uses padding "
                     f"{padding!r}/{layer.padding_mode!r}; allowed: numeric zero padding"
                 )
-            feedback = torch.empty_like(layer.weight, requires_grad=False)
+            feedback = torch.empty_like(cast(torch.Tensor, layer.weight), requires_grad=False)  # Linear or Conv
             nn.init.kaiming_uniform_(feedback, a=math.sqrt(5))
             self.feedback[layer] = feedback.mul_(self.feedback_scale)
 

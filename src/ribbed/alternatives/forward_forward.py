@@ -30,6 +30,7 @@ training loops.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,8 @@ class ForwardForwardNet(nn.Module):
         batch = len(x)
         labels = torch.arange(self.num_classes, device=x.device).repeat(batch)
         candidates = self.embed(x.repeat_interleave(self.num_classes, dim=0), labels)
-        return sum(goodness(h) for h in self.activities(candidates)).view(batch, self.num_classes)
+        total = cast(torch.Tensor, sum(goodness(h) for h in self.activities(candidates)))  # one term per layer
+        return total.view(batch, self.num_classes)
 
 
 def goodness(activities: torch.Tensor) -> torch.Tensor:

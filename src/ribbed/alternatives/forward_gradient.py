@@ -58,7 +58,8 @@ def forward_gradient(
         aux = pop_aux_loss(model)
         return loss if aux is None else loss + aux
 
-    losses, derivatives = vmap(lambda v: jvp(loss_of, (flat,), (v,)), randomness="same")(directions)
+    # jvp without has_aux returns two values; torch annotates both arities as one union
+    losses, derivatives = vmap(lambda v: jvp(loss_of, (flat,), (v,)), randomness="same")(directions)  # type: ignore[misc]
     return losses[0].detach(), unflatten(derivatives @ directions / tangents)
 
 

@@ -73,14 +73,17 @@ class Hebbian:
 
     def attach(self, model: nn.Module) -> None:
         self.blocks, self.head = feedforward_parts(model, "hebbian")
+        layers: list[nn.Linear] = []
         for index, block in enumerate(self.blocks):
-            if not (isinstance(block, nn.Sequential) and isinstance(block[0], nn.Linear)):
+            first = block[0] if isinstance(block, nn.Sequential) else None
+            if not isinstance(first, nn.Linear):
                 raise ValueError(
                     f"train.gradient_method 'hebbian' needs blocks that start with a Linear layer "
                     f"(as mlp's do); block {index} of {type(model).__name__} starts with "
                     f"{type(next(iter(block.children()), block)).__name__}"
                 )
-        self.layers = [block[0] for block in self.blocks]
+            layers.append(first)
+        self.layers = layers
 
     def _update(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.rule == "oja":

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,7 @@ class DEQLayer(nn.Module):
 
     def __init__(self, width: int, contraction: float, solver: str, tol: float, max_iter: int):
         super().__init__()
-        self.linear = spectral_norm(nn.Linear(width, width, bias=False))
+        self.linear = cast(nn.Linear, spectral_norm(nn.Linear(width, width, bias=False)))  # the Linear, parametrized
         self.contraction, self.solver, self.tol, self.max_iter = contraction, solver, tol, max_iter
         self.implicit: ImplicitBackward | None = None
 

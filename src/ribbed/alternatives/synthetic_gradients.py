@@ -66,10 +66,9 @@ class SyntheticGradients:
 
     def _build_predictors(self, outputs: list[torch.Tensor], num_classes: int) -> None:
         extra = num_classes if self.conditioned else 0
-        self.predictors = nn.ModuleList(
-            nn.Linear(h[0].numel() + extra, h[0].numel()) for h in outputs
-        ).to(outputs[0].device)
-        for predictor in self.predictors:
+        predictors = [nn.Linear(h[0].numel() + extra, h[0].numel()) for h in outputs]
+        self.predictors = nn.ModuleList(predictors).to(outputs[0].device)
+        for predictor in predictors:
             nn.init.zeros_(predictor.weight)
             nn.init.zeros_(predictor.bias)
         self.optimizer = torch.optim.Adam(self.predictors.parameters(), lr=self.predictor_lr)
@@ -96,6 +95,7 @@ class SyntheticGradients:
 
     def _predict(self, outputs: list[torch.Tensor], labels: torch.Tensor | None) -> list[torch.Tensor]:
         predictions = []
+        assert self.predictors is not None  # built by the first step
         for predictor, h in zip(self.predictors, outputs, strict=True):
             features = h.detach().flatten(1).float()
             if labels is not None:
