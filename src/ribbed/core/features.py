@@ -26,11 +26,12 @@ reads them, so their scales do not depend on the model (:class:`FeatureNormalize
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from ribbed.core.layers import NeuronLayer, row_dot
+from ribbed.core.layers import NeuronLayer
 
 __all__ = ["FEATURE_NAMES", "FeatureNormalizer", "neuron_features"]
 
@@ -48,17 +49,17 @@ FEATURE_NAMES = (
 EPS = 1e-12
 
 
-def _row_sq(pair: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """Per-neuron squared norm of a (weight, bias) pair. ``vector_norm`` reads the rows once;
-    a dot product of the rows with themselves also writes and re-reads their product, and a
-    refresh takes four of these norms over every weight."""
-    weight, bias = pair
-    sq = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1).square()
-    return sq if bias is None else sq + bias.square()
-
-
 def _cos(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
     return dot / (sq_a * sq_b).sqrt().clamp_min(EPS)
+
+
+@functools.lru_cache(maxsize=32)
+def _depth_column(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Each neuron's relative layer depth ``[N]`` (0 to 1), built once per network shape (never
+    modified in place: it is only read into the feature matrix)."""
+    depth_scale = max(1, len(sizes) - 1)
+    return torch.cat([torch.full((n,), index / depth_scale, dtype=dtype, device=device)
+                      for index, n in enumerate(sizes)])
 
 
 def neuron_features(
@@ -70,43 +71,66 @@ def neuron_features(
     """Raw features ``[N, len(FEATURE_NAMES)]`` and the per-neuron hypergradient cosine ``[N]``.
 
     ``prev`` holds each parameter's value before the last step; ``momentum`` the base
-    optimiser's momentum buffers where it has them. Only the gradient columns need each layer's
-    rows; the activation, surprise and depth columns are concatenated over layers once, so a
-    refresh runs a fixed number of small ops beyond the per-layer row norms.
+    optimiser's momentum buffers where it has them. Only the row reductions (norms and inner
+    products, :func:`_row_sums`) run per layer; every other operation (cosines, logs, the
+    activation, surprise and depth columns) runs once on all neurons, so a refresh costs a
+    fixed number of small ops beyond them. Elementwise ops give the same values whether they
+    run per layer or on the concatenation.
     """
-    gradient_columns = [_gradient_columns(layer, prev, momentum) for layer in layers]
-    device = gradient_columns[0].device
-    depth_scale = max(1, len(layers) - 1)
-    sizes = [layer.n for layer in layers]
+    sums = torch.cat([_row_sums(layer, prev, momentum) for layer in layers], dim=1)
+    g_sq, d_sq, w_sq, m_sq, g_d, g_m, has_momentum = sums.unbind(0)
+    hyper = _cos(g_d, g_sq, d_sq)
+    agreement = _cos(g_m, g_sq, m_sq)
+    if not bool(has_momentum.all()):  # a base without momentum buffers: the last step's direction is -d
+        agreement = torch.where(has_momentum.bool(), agreement, -hyper)
+    device = sums.device
     mean = torch.cat([layer.stats.mean.to(device) for layer in layers])
     var = torch.cat([layer.stats.var.to(device) for layer in layers])
     entropy = torch.cat([layer.stats.entropy.to(device) / math.log(layer.stats.bins) for layer in layers])
-    depth = torch.tensor([index / depth_scale for index in range(len(layers))], dtype=mean.dtype,
-                         device=device).repeat_interleave(torch.tensor(sizes, device=device))
-    features = torch.cat([
-        torch.cat(gradient_columns),
-        torch.stack([mean, torch.log(var + 1e-8), entropy, surprise.to(device), depth], dim=1),
+    depth = _depth_column(tuple(layer.n for layer in layers), mean.dtype, mean.device)
+    features = torch.stack([
+        0.5 * torch.log(g_sq + EPS), 0.5 * torch.log((d_sq + EPS) / (w_sq + EPS)), agreement, hyper,
+        mean, torch.log(var + 1e-8), entropy, surprise.to(device), depth,
     ], dim=1).float()
     return features, features[:, FEATURE_NAMES.index("hypergradient")].clone()
 
 
-def _gradient_columns(layer: NeuronLayer, prev: dict[torch.Tensor, torch.Tensor],
-                      momentum: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """One layer's ``log_grad_norm``, ``log_update_ratio``, ``momentum_agreement`` and
-    ``hypergradient`` columns ``[n, 4]`` (the features that read the layer's weight rows)."""
-    grad = layer.grad_pair()
-    weight = layer.own_pair()
-    previous = layer.pair(prev)
-    update = (weight[0] - previous[0], None if weight[1] is None or previous[1] is None else weight[1] - previous[1])
-    g_sq, d_sq, w_sq = _row_sq(grad), _row_sq(update), _row_sq(weight)
-    hyper = _cos(row_dot(grad, update), g_sq, d_sq)
-    if layer.weight in momentum:
-        mom = (layer.rows(momentum[layer.weight]), momentum.get(layer.bias) if layer.bias is not None else None)
-        agreement = _cos(row_dot(grad, mom), g_sq, _row_sq(mom))
-    else:
-        agreement = -hyper
-    return torch.stack([0.5 * torch.log(g_sq + EPS), 0.5 * torch.log((d_sq + EPS) / (w_sq + EPS)), agreement, hyper],
-                       dim=1)
+def _row_sums(layer: NeuronLayer, prev: dict[torch.Tensor, torch.Tensor],
+              momentum: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One layer's per-neuron reductions ``[7, n]``: the squared norms of the gradient ``g``, the
+    last update ``d``, the weights ``w`` and the momentum ``m``, the inner products ``<g, d>`` and
+    ``<g, m>`` (weight row plus bias), and 1 where the layer has momentum (else the ``m`` rows
+    are 0 and unused).
+
+    The squared norms take ``vector_norm`` (one read of the rows; a dot product of the rows with
+    themselves also writes and re-reads their product), and the bias terms go through one
+    stacked op each."""
+    grad_w, grad_b = layer.grad_pair()
+    weight_w, weight_b = layer.own_pair()
+    prev_w, prev_b = layer.pair(prev)
+    has_momentum = layer.weight in momentum
+    n = grad_w.shape[0]
+    flat_g = grad_w.reshape(n, -1)
+    update_w = weight_w - prev_w
+    rows = [flat_g, update_w.reshape(n, -1), weight_w.reshape(n, -1)]
+    mom_w = momentum[layer.weight] if has_momentum else None
+    if mom_w is not None:
+        rows.append(layer.rows(mom_w).reshape(n, -1))
+    norms = torch.stack([torch.linalg.vector_norm(t, dim=1) for t in rows]).square()
+    dots = torch.stack([torch.linalg.vecdot(flat_g, t) for t in rows[1::2]])  # <g, d> and <g, m>
+    if grad_b is not None and weight_b is not None and prev_b is not None:
+        mom_b = momentum.get(layer.bias) if has_momentum and layer.bias is not None else None
+        bias = torch.stack([grad_b, weight_b - prev_b, weight_b] + ([mom_b] if mom_b is not None else []))
+        if len(bias) == len(norms):
+            norms = norms + bias.square()
+            dots = dots + bias[0] * bias[1::2]
+        else:  # the weight has momentum but the bias none yet: its momentum terms have no bias part
+            norms = torch.cat([norms[:3] + bias.square(), norms[3:]])
+            dots = torch.cat([dots[:1] + bias[0] * bias[1], dots[1:]])
+    if mom_w is None:  # no momentum: zero rows for |m|^2 and <g, m>, flagged unused
+        zero = norms.new_zeros(1, n)
+        norms, dots = torch.cat([norms, zero]), torch.cat([dots, zero])
+    return torch.cat([norms, dots, norms.new_full((1, n), float(mom_w is not None))])
 
 
 class FeatureNormalizer:
