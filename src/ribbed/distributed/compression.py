@@ -24,7 +24,9 @@ The bytes each choice really sends are measured by
 
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,7 +45,7 @@ __all__ = [
     "topk_hook",
 ]
 
-Hook = tuple[object, object]  # (state, hook) as DistributedDataParallel.register_comm_hook takes
+Hook = tuple[Any, Callable[..., Any]]  # (state, hook) as DistributedDataParallel.register_comm_hook takes
 
 COMPRESSIONS: Registry[Hook | None] = Registry("gradient compression", "train.distributed.compression")
 

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from ribbed.distributed.strategy import (
     Strategy,
@@ -178,7 +179,7 @@ class PipelineParallel(Strategy):
         ):
             raise ValueError(f"split_points: got {split_points!r}; allowed: a list of module names")
         self.schedule_name, self.microbatches, self.split_points = schedule, microbatches, split_points
-        self._schedule = None
+        self._schedule: PipelineScheduleSingle | None = None
         self._holders: dict[nn.Parameter, tuple[int, ...]] = {}
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
@@ -211,16 +212,17 @@ class PipelineParallel(Strategy):
         gradients already accumulated by earlier ``train.grad_accum`` parts.
         """
         if self._schedule is None:
-            example = x[: len(x) // self.microbatches]
+            microbatches, split_points = self.microbatches, self.split_points
+            assert microbatches is not None and split_points is not None  # set by prepare
+            example = x[: len(x) // microbatches]
             pipe = pipeline(model, mb_args=(example,),
-                            split_spec={name: SplitPoint.BEGINNING for name in self.split_points})
+                            split_spec={name: SplitPoint.BEGINNING for name in split_points})
             stage_modules = [pipe.get_stage_module(index) for index in range(pipe.num_stages)]
             for stage_module in stage_modules:
                 share_replica_parameters(stage_module, model)
             self._record_holders(stage_modules)
             stage = pipe.build_stage(self.rank, self.device)
-            self._schedule = SCHEDULES[self.schedule_name](stage, self.microbatches, loss_fn=loss_fn,
-                                                            scale_grads=False)
+            self._schedule = SCHEDULES[self.schedule_name](stage, microbatches, loss_fn=loss_fn, scale_grads=False)
         return self._schedule
 
     def _record_holders(self, stage_modules: list[nn.Module]) -> None:

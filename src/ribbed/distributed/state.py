@@ -10,7 +10,7 @@ same optimiser built on the unwrapped model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -68,11 +68,11 @@ def by_name(indexed: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full, unwrapped model state dict of a sharded model (a collective)."""
-    return get_model_state_dict(model, options=FULL)
+    return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=FULL))  # a model's: tensors
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    set_model_state_dict(model, state, options=FULL)
+    set_model_state_dict(model, cast(dict[str, Any], state), options=FULL)
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -84,6 +84,6 @@ def load_full_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
     """Load an index-form full optimiser state into a sharded model's optimiser."""
-    names = [group["params"] for group in
-             get_optimizer_state_dict(model, optimizer, options=FULL)["param_groups"]]
+    full = cast(dict[str, Any], get_optimizer_state_dict(model, optimizer, options=FULL))
+    names = [group["params"] for group in full["param_groups"]]
     set_optimizer_state_dict(model, optimizer, by_name(state, names), options=FULL)

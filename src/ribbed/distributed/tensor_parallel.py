@@ -91,7 +91,8 @@ def replicate_other_parameters(model: nn.Module, mesh) -> None:
             if parameter in replicated:  # the other end of a tied weight, replicated already
                 setattr(module, name, replicated[parameter])
         before = {name: parameter for name, parameter in direct.items() if parameter not in replicated}
-        distribute_module(module, mesh, input_fn=_replicated_inputs, output_fn=_local_outputs)
+        # torch annotates input_fn as returning None, but a forward pre-hook's result replaces the inputs
+        distribute_module(module, mesh, input_fn=_replicated_inputs, output_fn=_local_outputs)  # type: ignore[arg-type]
         for name, parameter in before.items():
             replicated[parameter] = getattr(module, name)
 
