@@ -136,6 +136,7 @@ class ControllerBank(nn.Module):
                              "'linear' objective)")
         self.objective = objective
         self.layer_of: torch.Tensor | None = None
+        self.layer_sizes: torch.Tensor | None = None
         features = len(FEATURE_NAMES)
         self.outputs = 3 + len(PREDICTED)  # explore, exploit, coupling, then the predictions
         self.log_max = math.log(max_multiplier)
@@ -170,13 +171,14 @@ class ControllerBank(nn.Module):
         """Each neuron's layer index ``[N]``: the residual objective centres ``delta`` per layer
         (without it, over all neurons)."""
         self.layer_of = layer_of
+        self.layer_sizes = torch.bincount(layer_of)  # once: every forward centres by it
 
     def forward(self, features: torch.Tensor, assignment: torch.Tensor,
                 weights: torch.Tensor | None = None) -> ControllerOutputs:
         out = self.raw(features, assignment, weights)
         if self.objective == "residual":
             delta = torch.tanh(out[:, 0]) * self.log_max
-            centred = delta - _layer_mean(delta, self.layer_of)
+            centred = delta - _layer_mean(delta, self.layer_of, self.layer_sizes)
             multiplier = torch.exp(centred)
             ones = torch.ones_like(multiplier)
             return ControllerOutputs(multiplier, multiplier, ones, ones, out[:, 3:], centred)
@@ -193,11 +195,10 @@ class ControllerBank(nn.Module):
         return ControllerOutputs(multiplier, step, coupling, gate, out[:, 3:], torch.log(multiplier))
 
 
-def _layer_mean(values: torch.Tensor, layer_of: torch.Tensor | None) -> torch.Tensor:
-    """Each entry's layer mean of ``values [N]`` (one segment when ``layer_of`` is None)."""
-    if layer_of is None:
+def _layer_mean(values: torch.Tensor, layer_of: torch.Tensor | None, sizes: torch.Tensor | None) -> torch.Tensor:
+    """Each entry's layer mean of ``values [N]`` given each layer's size (``torch.bincount`` of
+    ``layer_of``); one segment when ``layer_of`` is None."""
+    if layer_of is None or sizes is None:
         return values.mean().expand_as(values)
-    sums = torch.zeros(int(layer_of.max()) + 1, dtype=values.dtype, device=values.device)
-    sums = sums.index_add(0, layer_of, values)
-    counts = torch.bincount(layer_of, minlength=sums.shape[0]).to(values)
-    return (sums / counts)[layer_of]
+    sums = values.new_zeros(len(sizes)).index_add(0, layer_of, values)
+    return (sums / sizes.to(values))[layer_of]

@@ -156,13 +156,14 @@ class NeuronControllers(NeuronTransform):
                        if objective == "residual" else None)
         self.surprise = torch.zeros(self.n_neurons)
         self._set_multiplier(torch.ones(self.n_neurons))
-        self._lerp_weights: list[torch.Tensor] | None = None
+        self._lerp_cache: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self._scales: tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor]] | None = None
         self._pending: tuple[torch.Tensor, ...] | None = None
         self._routed_at = 0
         self._step = 0
         self._warned_unrecorded = False
         self._telemetry: dict[str, float] = {}
+        self._telemetry_inputs: tuple[Any, ...] | None = None  # tensors of the last refresh, summarised on demand
         self._selection_telemetry: dict[str, float] = {}
         self._neurons: dict[str, torch.Tensor] = {}
         self._set_recording(True)
@@ -179,7 +180,7 @@ class NeuronControllers(NeuronTransform):
             self._update_controllers(ctx.step)
 
     def _selecting(self, step: int) -> bool:
-        return bool(self.selection_every) and step % self.selection_every == 0 and self._lerp_weights is not None
+        return bool(self.selection_every) and step % self.selection_every == 0 and self._pending is not None
 
     def update(self, ctx: StepContext) -> None:
         """The base update with each neuron's step multiplied by its multiplier."""
@@ -194,18 +195,18 @@ class NeuronControllers(NeuronTransform):
             scaled_adamw_step(self.base, self._neuron_scales())
         else:
             step_inner(self.base)
-        if scaled and not direct and self._lerp_weights is not None:
+        if scaled and not direct and self._pending is not None:
             if self.selection_every and step % self.selection_every == 0:
                 eagerly(self._select, ctx)
-            torch._foreach_lerp_(self.neuron_params, self.prev, self._lerp_weights)
+            torch._foreach_lerp_(self.neuron_params, self.prev, self._lerp_weights())
 
     def trial_update(self, before: dict[torch.Tensor, torch.Tensor]) -> None:
         if self._direct_update(self._step):
             scaled_adamw_step(self.base, self._neuron_scales())
             return
         step_inner(self.base)
-        if self._lerp_weights is not None:
-            torch._foreach_lerp_(self.neuron_params, [before[p] for p in self.neuron_params], self._lerp_weights)
+        if self._pending is not None:
+            torch._foreach_lerp_(self.neuron_params, [before[p] for p in self.neuron_params], self._lerp_weights())
 
     def after_update(self, ctx: StepContext) -> None:
         """Record activations on the steps before a refresh."""
@@ -272,7 +273,8 @@ class NeuronControllers(NeuronTransform):
             # controllers, routing and multipliers stay identical on every rank.
             torch.distributed.all_reduce(raw)
             raw /= torch.distributed.get_world_size()
-        controller_loss = prediction_loss = 0.0
+        controller_loss: torch.Tensor | float = 0.0
+        prediction_loss: torch.Tensor | float = 0.0
         signal = self.signal.update(prev) if self.signal is not None else None
         if self._pending is not None:
             controller_loss, prediction_loss = self._train_bank(raw, hyper, signal)
@@ -298,33 +300,42 @@ class NeuronControllers(NeuronTransform):
         self._neurons = {"multiplier": out.multiplier, "step": out.step, "coupling": out.coupling,
                          "gate": out.gate, "surprise": self.surprise.clone(), "hypergradient": hyper,
                          "controller": assignment}
-        self._lerp_weights = self._lerp_from(out.multiplier)
         self._pending = (inputs, *self.routing.controller_choice())
-        log_m = out.multiplier.detach().log().abs()
-        self._telemetry = {
-            "ribbed_multiplier_mean": float(out.multiplier.mean()),
-            # share of neurons within 10% of a multiplier bound [1/M, M] (or past it)
-            "ribbed_near_bound": float((log_m >= self.bank.log_max - math.log(1.1)).float().mean()),
-            "ribbed_multiplier_std": float(out.multiplier.std()) if self.n_neurons > 1 else 0.0,
-            "ribbed_coupling_mean": float(out.coupling.mean()),
-            "ribbed_gate_mean": float(out.gate.mean()),
-            "ribbed_surprise_mean": float(self.surprise.mean()),
-            "ribbed_hypergradient_mean": float(hyper.mean()),
-            "ribbed_controller_loss": controller_loss,
-            "ribbed_prediction_loss": prediction_loss,
-            "ribbed_membership_changes": float(self.routing.changes),
-        }
-        if self.hierarchy is not None:
-            self._telemetry.update(self.hierarchy.telemetry(self.routing))
+        self._telemetry = self.hierarchy.telemetry(self.routing) if self.hierarchy is not None else {}
+        self._telemetry_inputs = (out, self.surprise, hyper, controller_loss, prediction_loss,
+                                  float(self.routing.changes))
+
+    def _summary(self) -> dict[str, float]:
+        """The last refresh's telemetry, summarised from its tensors on first request (a refresh
+        that nobody reads costs no reductions and no ``.item()`` calls)."""
+        if self._telemetry_inputs is not None:
+            out, surprise, hyper, controller_loss, prediction_loss, changes = self._telemetry_inputs
+            log_m = out.multiplier.detach().log().abs()
+            self._telemetry = {
+                "ribbed_multiplier_mean": float(out.multiplier.mean()),
+                # share of neurons within 10% of a multiplier bound [1/M, M] (or past it)
+                "ribbed_near_bound": float((log_m >= self.bank.log_max - math.log(1.1)).float().mean()),
+                "ribbed_multiplier_std": float(out.multiplier.std()) if self.n_neurons > 1 else 0.0,
+                "ribbed_coupling_mean": float(out.coupling.mean()),
+                "ribbed_gate_mean": float(out.gate.mean()),
+                "ribbed_surprise_mean": float(surprise.mean()),
+                "ribbed_hypergradient_mean": float(hyper.mean()),
+                "ribbed_controller_loss": float(controller_loss),
+                "ribbed_prediction_loss": float(prediction_loss),
+                "ribbed_membership_changes": changes,
+                **self._telemetry,  # the hierarchy's, taken at the refresh
+            }
+            self._telemetry_inputs = None
+        return self._telemetry
 
     def _train_bank(self, raw: torch.Tensor, hyper: torch.Tensor,
-                    signal: torch.Tensor | None) -> tuple[float, float]:
+                    signal: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """One Adam step of the bank (and hierarchy) on the multipliers it gave at the last
         refresh; returns the controller and prediction losses and sets the surprise."""
         assert self._pending is not None, "trained only after a refresh set the multipliers"
         inputs, *routed = self._pending
         target = self.normalizer(raw[:, _PREDICTED_INDEX], _PREDICTED_INDEX)
-        prediction_loss = 0.0
+        prediction_loss: torch.Tensor | float = 0.0
         with torch.enable_grad():
             out = self.bank(inputs, *routed)
             self._modulate(out)
@@ -335,12 +346,12 @@ class NeuronControllers(NeuronTransform):
                 loss = (signal.to(delta) * delta).mean() + 0.5 * self.multiplier_penalty * delta.square().mean()
             else:
                 loss = (hyper.to(out.multiplier) * out.multiplier).mean()
-            controller_loss = float(loss.detach())
+            controller_loss = loss.detach()
             if self.bank.self_supervision:
                 error = out.predictions - target
                 prediction = error.pow(2).mean()
                 loss = loss + self.self_supervision_weight * prediction
-                prediction_loss = float(prediction.detach())
+                prediction_loss = prediction.detach()
                 self.surprise = error.detach().abs().mean(1).cpu()
             if self.density_reward and self.density is not None:  # __init__ refused a reward without one
                 loss = loss + self.density_reward * self.density.reward_loss(out.multiplier)
@@ -376,11 +387,17 @@ class NeuronControllers(NeuronTransform):
             )
         if result.winner:
             self._set_multiplier(multiplier_of())
-            self._lerp_weights = self._lerp_from(self.multiplier)
         self._selection_telemetry = {"evolve_gain": result.losses[0] - result.losses[result.winner],
                                      "evolve_accepted": float(result.winner > 0)}
 
     # ------------------------------------------------------------------ the update's pieces
+
+    def _lerp_weights(self) -> list[torch.Tensor]:
+        """:meth:`_lerp_from` the current multipliers, rebuilt only when they change (the direct
+        update over AdamW never needs them)."""
+        if self._lerp_cache is None or self._lerp_cache[0] is not self.multiplier:
+            self._lerp_cache = (self.multiplier, self._lerp_from(self.multiplier))
+        return self._lerp_cache[1]
 
     def _lerp_from(self, multiplier: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter lerp weights ``1 - m`` broadcast along each neuron's row, taken in the
@@ -414,7 +431,7 @@ class NeuronControllers(NeuronTransform):
     # ------------------------------------------------------------------ inspection and state
 
     def telemetry(self) -> dict[str, float]:
-        return {**self._telemetry, **(self.unrolled.last if self.unrolled is not None else {}),
+        return {**self._summary(), **(self.unrolled.last if self.unrolled is not None else {}),
                 **self._selection_telemetry}
 
     def neuron_state(self) -> dict[str, torch.Tensor]:
@@ -433,7 +450,7 @@ class NeuronControllers(NeuronTransform):
             "pending": None if self._pending is None else list(self._pending),
             "activations": [layer.stats.state_dict() for layer in self.layers],
             "recording": bool(self.layers) and bool(self.layers[0].stats.recording),
-            "telemetry": dict(self._telemetry),
+            "telemetry": dict(self._summary()),
             "routed_at": self._routed_at,
         }
         if self.hierarchy is not None:
@@ -451,10 +468,10 @@ class NeuronControllers(NeuronTransform):
         self.surprise = state["surprise"].clone()
         self._set_multiplier(state["multiplier"].clone())
         self._pending = None if state["pending"] is None else tuple(state["pending"])
-        self._lerp_weights = self._lerp_from(self.multiplier) if self._pending is not None else None
         for layer, stats in zip(self.layers, state["activations"], strict=True):
             layer.stats.load_state_dict(stats)
         self._telemetry = dict(state["telemetry"])
+        self._telemetry_inputs = None
         self._routed_at = state["routed_at"]
         self._set_recording(state["recording"])
         if self.hierarchy is not None:
