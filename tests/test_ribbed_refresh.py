@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ribbed import RIBBED
+from ribbed.core import layers as layers_module
 from ribbed.core.controllers import DENSE_MAX_CONTROLLERS, gathered_mlp
 from ribbed.core.features import FEATURE_NAMES, neuron_features
-from ribbed.core.layers import ActivationStats, bin_indices, binned_entropy, row_dot
+from ribbed.core.layers import ActivationStats, bin_indices, binned_entropy, row_blocks, row_dot
+from ribbed.core.signals import StepSizeSignal
 
 
 def _bank(k: int, f: int = 9, h: int = 16, o: int = 5) -> list[torch.Tensor]:
@@ -117,7 +119,10 @@ def _layer_by_layer_features(layers, prev, momentum, surprise) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def test_features_equal_the_layer_by_layer_stack():
+@pytest.mark.parametrize("block_bytes", [None, 64], ids=["whole layers", "blocks of a few rows"])
+def test_features_equal_the_layer_by_layer_stack(block_bytes, monkeypatch):
+    if block_bytes is not None:  # cache blocking must not change a bit
+        monkeypatch.setattr(layers_module, "ROW_BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 8, 7), nn.ReLU(), nn.Linear(7, 3))
     optimizer = RIBBED(model, lr=1e-2, feature_every=1)
@@ -133,3 +138,36 @@ def test_features_equal_the_layer_by_layer_stack():
     assert torch.equal(features, reference)
     assert torch.equal(hyper, reference[:, FEATURE_NAMES.index("hypergradient")])
     assert features[:, FEATURE_NAMES.index("act_entropy")].gt(0).any()  # the hooks recorded something
+
+
+@pytest.mark.parametrize("kind", ["trace", "one-step"])
+def test_the_signal_and_its_trace_advance_equal_the_whole_layer_computation_in_blocks(kind, monkeypatch):
+    """``StepSizeSignal.update`` reads each block of the weights once for the inner products and
+    the trace's average: bit for bit the whole-layer inner products, then one lerp of the average."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 4))
+    layers = RIBBED(model, lr=1e-2).layers
+    blocked, whole = (StepSizeSignal(layers, kind=kind, discount=0.7) for _ in range(2))
+    prev = {p: p.detach() - 0.01 * torch.randn_like(p) for layer in layers for p in layer.params}
+    for _ in range(3):
+        model(torch.randn(8, 6)).pow(2).mean().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.05 * p.grad
+        reference = dict(zip(blocked.params, blocked.average, strict=True)) if kind == "trace" else prev
+        expected_raw = torch.cat([row_dot(layer.grad_pair(), tuple(
+            None if w is None else w - r for w, r in zip(layer.own_pair(), layer.pair(reference), strict=True)))
+            for layer in layers]).float()
+        expected_average = [torch.lerp(a, p.detach(), 1 - 0.7)
+                            for a, p in zip(blocked.average, blocked.params, strict=True)]
+        monkeypatch.setattr(layers_module, "ROW_BLOCK_BYTES", 24)  # blocks of one row
+        assert len(row_blocks(layers[0].weight)) == 9
+        assert torch.equal(blocked.raw(prev), expected_raw)
+        signal = blocked.update(prev)
+        if kind == "trace":
+            for got, expected in zip(blocked.average, expected_average, strict=True):
+                assert torch.equal(got, expected)
+        monkeypatch.setattr(layers_module, "ROW_BLOCK_BYTES", 1 << 30)
+        assert torch.equal(signal, whole.update(prev))
+        assert expected_raw.abs().sum() > 0  # the signal measured something
+        model.zero_grad()

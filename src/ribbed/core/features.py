@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from ribbed.core.layers import NeuronLayer
+from ribbed.core.layers import NeuronLayer, row_blocks
 
 __all__ = ["FEATURE_NAMES", "FeatureNormalizer", "neuron_features"]
 
@@ -103,21 +103,27 @@ def _row_sums(layer: NeuronLayer, prev: dict[torch.Tensor, torch.Tensor],
     are 0 and unused).
 
     The squared norms take ``vector_norm`` (one read of the rows; a dot product of the rows with
-    themselves also writes and re-reads their product), and the bias terms go through one
-    stacked op each."""
+    themselves also writes and re-reads their product), the weight rows are reduced block by
+    block (:func:`~ribbed.core.layers.row_blocks`: a large layer's tensors are read from memory
+    once instead of once per reduction), and the bias terms go through one stacked op each."""
     grad_w, grad_b = layer.grad_pair()
     weight_w, weight_b = layer.own_pair()
     prev_w, prev_b = layer.pair(prev)
     has_momentum = layer.weight in momentum
     n = grad_w.shape[0]
-    flat_g = grad_w.reshape(n, -1)
-    update_w = weight_w - prev_w
-    rows = [flat_g, update_w.reshape(n, -1), weight_w.reshape(n, -1)]
+    flat_g, flat_w, flat_prev = (t.reshape(n, -1) for t in (grad_w, weight_w, prev_w))
     mom_w = momentum[layer.weight] if has_momentum else None
-    if mom_w is not None:
-        rows.append(layer.rows(mom_w).reshape(n, -1))
-    norms = torch.stack([torch.linalg.vector_norm(t, dim=1) for t in rows]).square()
-    dots = torch.stack([torch.linalg.vecdot(flat_g, t) for t in rows[1::2]])  # <g, d> and <g, m>
+    mom_rows = layer.rows(mom_w).reshape(n, -1) if mom_w is not None else None
+    norm_blocks, dot_blocks = [], []
+    for block in row_blocks(flat_g):  # cache blocking: each block of every tensor is read from memory once
+        g = flat_g[block]
+        rows = [g, flat_w[block] - flat_prev[block], flat_w[block]]
+        if mom_rows is not None:
+            rows.append(mom_rows[block])
+        norm_blocks.append(torch.stack([torch.linalg.vector_norm(t, dim=1) for t in rows]))
+        dot_blocks.append(torch.stack([torch.linalg.vecdot(g, t) for t in rows[1::2]]))  # <g, d> and <g, m>
+    norms = (norm_blocks[0] if len(norm_blocks) == 1 else torch.cat(norm_blocks, dim=1)).square()
+    dots = dot_blocks[0] if len(dot_blocks) == 1 else torch.cat(dot_blocks, dim=1)
     if grad_b is not None and weight_b is not None and prev_b is not None:
         mom_b = momentum.get(layer.bias) if has_momentum and layer.bias is not None else None
         bias = torch.stack([grad_b, weight_b - prev_b, weight_b] + ([mom_b] if mom_b is not None else []))

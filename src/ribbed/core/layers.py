@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "ActivationStats", "IndexedHook", "NeuronLayer", "bin_indices", "binned_entropy", "coverage_report",
     "entropy_of_counts", "find_neuron_layers", "is_transposed_linear", "neuron_modules", "offset_counts",
-    "row_dot", "row_sq_norm",
+    "row_blocks", "row_dot", "row_sq_norm",
 ]
 
 NEURON_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -77,6 +77,29 @@ def coverage_report(owner: str, covered: Sequence[torch.Tensor], params: Sequenc
     if share < SMALL_COVERAGE:
         warnings.warn(f"{line}. Recognised layers: Linear, Conv1d/2d/3d and transformers' Conv1D", stacklevel=3)
     return line
+
+
+ROW_BLOCK_BYTES = 256 * 1024
+"""Size of one tensor's share of a row block (:func:`row_blocks`): a few such blocks of the
+gradient, the weights and their references fit a core's L2 cache together."""
+
+
+def row_blocks(rows: torch.Tensor) -> list[slice]:
+    """Slices of ``rows [n, k]`` into blocks of about :data:`ROW_BLOCK_BYTES` each (one block
+    when the whole tensor is smaller).
+
+    Cache blocking for the per-neuron reductions of a refresh: each row reduction (a norm, an
+    inner product) reads several tensors of the layer's size and writes temporaries of it (the
+    last update ``w - prev``, products). Done on whole layers, every one of those passes goes to
+    main memory once the layer outgrows the cache (a 1024 x 1024 layer is 4 MB a tensor); done
+    block by block, each block is read from memory once and its temporaries stay in cache. A
+    row's reduction is the same whichever block it is in, so the results do not change; the
+    Python loop runs over blocks (a few per megabyte), not over neurons.
+    """
+    n = rows.shape[0]
+    per_row = max(1, rows[0].numel() * rows.element_size()) if n else 1
+    block = max(1, ROW_BLOCK_BYTES // per_row)
+    return [slice(start, min(start + block, n)) for start in range(0, n, block)] or [slice(0, 0)]
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:

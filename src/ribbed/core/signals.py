@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from ribbed.core.layers import NeuronLayer, row_dot
+from ribbed.core.layers import NeuronLayer, row_blocks
 
 __all__ = ["SIGNALS", "StepSizeSignal"]
 
@@ -70,30 +70,44 @@ class StepSizeSignal:
     @torch.no_grad()
     def raw(self, prev: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``<g_i, h_i>`` per neuron ``[N]``: ``h`` the trace, or ``w - prev`` for ``one-step``."""
-        if self.kind == "trace":
-            reference = dict(zip(self.params, self.average, strict=True))
-        else:
-            reference = prev
+        return self._measure(prev, advance=False)
+
+    def _measure(self, prev: dict[torch.Tensor, torch.Tensor], advance: bool) -> torch.Tensor:
+        """:meth:`raw`; with ``advance`` (a refresh) the trace's average also moves towards the
+        weights, block by block right after each block is read (``ribbed.core.layers.row_blocks``:
+        the weights and the average are read from memory once for both)."""
+        trace = self.kind == "trace"
+        reference = dict(zip(self.params, self.average, strict=True)) if trace else prev
         columns = []
         for layer in self.layers:
-            grad = layer.grad_pair()
-            ref = layer.pair(reference)
-            step = (layer.rows(layer.weight) - ref[0],
-                    None if layer.bias is None or ref[1] is None else layer.bias - ref[1])
-            columns.append(row_dot(grad, step))
+            grad_w, grad_b = layer.grad_pair()
+            ref_w, ref_b = layer.pair(reference)
+            n = grad_w.shape[0]
+            weight_w = layer.rows(layer.weight)
+            flat_g, flat_w, flat_ref = (t.reshape(n, -1) for t in (grad_w, weight_w, ref_w))
+            blocks = []
+            for block in row_blocks(flat_g):
+                blocks.append(torch.linalg.vecdot(flat_g[block], flat_w[block] - flat_ref[block]))
+                if advance and trace:  # on the average itself (a reshape might have copied it)
+                    ref_w[block].lerp_(weight_w[block], 1 - self.discount)
+            column = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+            if layer.bias is not None and grad_b is not None and ref_b is not None:
+                column = column + grad_b * (layer.bias - ref_b)
+                if advance and trace:
+                    ref_b.lerp_(layer.bias, 1 - self.discount)
+            columns.append(column)
         return torch.cat(columns).float()
 
     @torch.no_grad()
     def update(self, prev: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Measure at this refresh, fold into the running RMS and the per-neuron average, and
         advance the trace; returns the smoothed normalised signal ``[N]``."""
-        raw = self.raw(prev)  # under data parallelism gradients and weights agree on every rank, so does this
+        # under data parallelism gradients and weights agree on every rank, so does this
+        raw = self._measure(prev, advance=True)
         self.refreshes += 1
         self.mean_square.lerp_(raw.square(), 1 - self.rms_decay)
         rms = (self.mean_square / (1 - self.rms_decay ** self.refreshes)).sqrt()
         self.smoothed.lerp_(raw / rms.clamp_min(1e-30), 1 - self.smoothing)
-        if self.kind == "trace":
-            torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - self.discount)
         return self.smoothed / (1 - self.smoothing ** self.refreshes)
 
     @torch.no_grad()
