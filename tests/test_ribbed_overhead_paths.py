@@ -143,6 +143,27 @@ def test_scaled_adamw_kernel_matches_a_per_parameter_reference(directions):
             torch.testing.assert_close(a, b, **TIGHT)
 
 
+def test_factors_kept_while_the_scales_are_unchanged_give_the_same_steps_bit_for_bit():
+    """RIBBED keeps ``1/s``, ``eps/s`` and the decay of the current lr between refreshes
+    (``derived``); the steps equal recomputing them every step, also across lr changes."""
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(6, 4), (6,)]
+    params = [torch.randn(shape, generator=generator) for shape in shapes]
+    kept, fresh = [p.clone() for p in params], [p.clone() for p in params]
+    moments = [[torch.zeros_like(p) for p in params] for _ in range(4)]
+    row = torch.rand(6, generator=generator) + 0.25
+    scales, derived = [row.view(6, 1), row], {}
+    for step in range(1, 13):
+        grads = [torch.randn(shape, generator=generator) for shape in shapes]
+        lr = 0.01 * (0.5 ** (step // 4))  # a schedule: the kept decay must follow the lr
+        options = dict(steps=[float(step)] * 2, lr=lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+        scaled_adamw_(kept, grads, moments[0], moments[1], scales, derived=derived, **options)
+        scaled_adamw_(fresh, grads, moments[2], moments[3], scales, **options)
+        for a, b in zip(kept, fresh, strict=True):
+            assert torch.equal(a, b)
+    assert {key[0] for key in derived} == {"decay", "inverse", "eps"} and len(derived) == 3
+
+
 def test_adam_hd_follows_its_update_rule_in_float64():
     """AdamHD through the shared kernel: each parameter's per-neuron rates move by
     beta <g_t, u_{t-1}> and each neuron steps AdamW's direction at its own rate (a written-out

@@ -157,7 +157,7 @@ class NeuronControllers(NeuronTransform):
         self.surprise = torch.zeros(self.n_neurons)
         self._set_multiplier(torch.ones(self.n_neurons))
         self._lerp_cache: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-        self._scales: tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor]] | None = None
+        self._scales: tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor], dict[Any, Any]] | None = None
         self._pending: tuple[torch.Tensor, ...] | None = None
         self._routed_at = 0
         self._step = 0
@@ -192,7 +192,7 @@ class NeuronControllers(NeuronTransform):
         if (scaled and not direct) or (step + 1) % self.feature_every == 0:
             torch._foreach_copy_(self.prev, self.neuron_params)
         if direct:
-            scaled_adamw_step(self.base, self._neuron_scales())
+            self._scaled_step()
         else:
             step_inner(self.base)
         if scaled and not direct and self._pending is not None:
@@ -202,7 +202,7 @@ class NeuronControllers(NeuronTransform):
 
     def trial_update(self, before: dict[torch.Tensor, torch.Tensor]) -> None:
         if self._direct_update(self._step):
-            scaled_adamw_step(self.base, self._neuron_scales())
+            self._scaled_step()
             return
         step_inner(self.base)
         if self._pending is not None:
@@ -421,12 +421,14 @@ class NeuronControllers(NeuronTransform):
         update and the weights before it."""
         return not self._selecting(step) and supports_scaled_step(self.base)
 
-    def _neuron_scales(self) -> dict[torch.Tensor, torch.Tensor]:
-        """The multipliers as per-neuron learning-rate scales by parameter, rebuilt only when
-        the multipliers change (a refresh, a selection, a resume)."""
+    def _scaled_step(self) -> None:
+        """The base AdamW step at the multipliers as per-neuron learning-rate scales. The scales
+        by parameter, and the factors :func:`~ribbed.core.scaled_adamw.scaled_adamw_step` derives
+        from them, are rebuilt only when the multipliers change (a refresh, a selection, a resume)."""
         if self._scales is None or self._scales[0] is not self.multiplier:
-            self._scales = (self.multiplier, dict(zip(self.neuron_params, self._rows_of(self.multiplier), strict=True)))
-        return self._scales[1]
+            scales = dict(zip(self.neuron_params, self._rows_of(self.multiplier), strict=True))
+            self._scales = (self.multiplier, scales, {})
+        scaled_adamw_step(self.base, self._scales[1], derived=self._scales[2])
 
     # ------------------------------------------------------------------ inspection and state
 

@@ -27,7 +27,8 @@ are unaffected); :func:`supports_scaled_step` says whether a base optimiser qual
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -50,6 +51,7 @@ def scaled_adamw_(
     eps: float,
     weight_decay: float,
     directions: bool = False,
+    derived: dict[Any, list[torch.Tensor]] | None = None,
 ) -> Sequence[torch.Tensor] | None:
     """One AdamW step on ``params`` in place, parameter ``i`` at learning rate ``lr * scales[i]``.
 
@@ -60,13 +62,30 @@ def scaled_adamw_(
         directions: return ``u + weight_decay w`` per parameter (AdamHD's hypergradient needs
             it); else fold the scales into the update without materialising it (needs scales
             > 0) and return None.
+        derived: a dict the caller keeps for as long as ``scales`` are unchanged (RIBBED's
+            multipliers change once per refresh): the per-neuron factors computed from the
+            scales alone (``1/s``, ``eps/s``, and the decay ``1 - lr wd s`` for the current
+            ``lr``) are kept in it instead of being recomputed at every step. Same values.
     """
+    cache: dict[Any, list[torch.Tensor]] = {} if derived is None else derived
+
+    def factors(key: Any, compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
     bias1 = [1 - beta1 ** step for step in steps]
     bias2_sqrt = [(1 - beta2 ** step) ** 0.5 for step in steps]
     if not directions and weight_decay:
-        decay = torch._foreach_mul(scales, -lr * weight_decay)
-        torch._foreach_add_(decay, 1.0)
-        torch._foreach_mul_(params, decay)
+        def decay_factors() -> list[torch.Tensor]:
+            decay = torch._foreach_mul(scales, -lr * weight_decay)
+            torch._foreach_add_(decay, 1.0)
+            return list(decay)
+
+        if derived is not None:  # only the decay of the current lr is kept (a schedule changes it every step)
+            for key in [k for k in derived if k[0] == "decay" and k != ("decay", lr, weight_decay)]:
+                del derived[key]
+        torch._foreach_mul_(params, factors(("decay", lr, weight_decay), decay_factors))
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
@@ -82,9 +101,9 @@ def scaled_adamw_(
         return direction
     # denom / s = sqrt(v) / (bias2_sqrt s) + eps / s: the scale rides on the two ops AdamW
     # spends on the denominator anyway, so the step makes no extra pass over the weights.
-    inverse = torch._foreach_reciprocal(scales)
+    inverse = factors(("inverse",), lambda: list(torch._foreach_reciprocal(scales)))
     torch._foreach_mul_(denom, torch._foreach_div(inverse, bias2_sqrt))
-    torch._foreach_add_(denom, torch._foreach_mul(inverse, eps))
+    torch._foreach_add_(denom, factors(("eps", eps), lambda: list(torch._foreach_mul(inverse, eps))))
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bias1])
     return None
 
@@ -112,7 +131,8 @@ def _state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
 
 
 def scaled_adamw_step(optimizer: torch.optim.Optimizer, scales: dict[torch.Tensor, torch.Tensor],
-                      grads: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
+                      grads: dict[torch.Tensor, torch.Tensor] | None = None,
+                      derived: dict[Any, Any] | None = None) -> None:
     """One step of ``optimizer`` (see :func:`supports_scaled_step`) with learning-rate scales.
 
     Args:
@@ -122,9 +142,12 @@ def scaled_adamw_step(optimizer: torch.optim.Optimizer, scales: dict[torch.Tenso
             in it step at scale 1.
         grads: gradients to use instead of ``.grad`` for some parameters (RIBBED's chiral term
             hands its rotated gradients over without writing them back).
+        derived: a dict the caller keeps while ``scales`` are unchanged; the factors computed
+            from them are kept in it, per param group and set of parameters with gradients
+            (see :func:`scaled_adamw_`).
     """
     grads = grads or {}
-    for group in optimizer.param_groups:
+    for index, group in enumerate(optimizer.param_groups):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             continue
@@ -138,4 +161,5 @@ def scaled_adamw_step(optimizer: torch.optim.Optimizer, scales: dict[torch.Tenso
             [s["exp_avg_sq"] for s in states], [scales.get(p, one) for p in params],
             steps=[float(step) for step in step_counts], lr=float(group["lr"]), beta1=float(beta1),
             beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+            derived=None if derived is None else derived.setdefault((index, tuple(map(id, params))), {}),
         )
