@@ -14,6 +14,7 @@ for a whole layer at once on
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -197,13 +198,20 @@ def offset_counts(index: torch.Tensor, cells: int, dtype: torch.dtype = torch.fl
     while ``n * cells`` fits it."""
     n = index.shape[1]
     offset_dtype = index.dtype if n * cells <= torch.iinfo(index.dtype).max else torch.int64
-    flat = index.to(offset_dtype) + torch.arange(0, n * cells, cells, device=index.device, dtype=offset_dtype)
+    flat = index.to(offset_dtype) + _column_offsets(n, cells, offset_dtype, index.device)
     return torch.bincount(flat.reshape(-1), minlength=n * cells).view(n, cells).to(dtype)
 
 
-def entropy_of_counts(counts: torch.Tensor) -> torch.Tensor:
-    """Plug-in entropy (nats) of each row of histogram ``counts [..., cells]``."""
-    p = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+@functools.lru_cache(maxsize=64)
+def _column_offsets(n: int, cells: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[0, cells, 2 cells, ...]`` (``n`` entries), made once per shape (only ever read)."""
+    return torch.arange(0, n * cells, cells, device=device, dtype=dtype)
+
+
+def entropy_of_counts(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Plug-in entropy (nats) of each row of histogram ``counts [..., cells]``; ``total``: the
+    count every row sums to, when the caller knows it (saves summing the rows)."""
+    p = counts / (counts.sum(-1, keepdim=True).clamp_min(1) if total is None else max(total, 1))
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
@@ -211,7 +219,7 @@ def binned_entropy(samples: torch.Tensor, bins: int) -> torch.Tensor:
     """Entropy (nats) of each column of ``samples [S, n]`` binned into ``bins`` equal bins
     between the column's min and max; all neurons at once with one ``bincount``."""
     dtype = torch.promote_types(samples.dtype, torch.float32)
-    return entropy_of_counts(offset_counts(bin_indices(samples, bins), bins, dtype))
+    return entropy_of_counts(offset_counts(bin_indices(samples, bins), bins, dtype), total=samples.shape[0])
 
 
 @dataclass
