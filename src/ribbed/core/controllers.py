@@ -93,7 +93,8 @@ def _each_then_pick(inputs: torch.Tensor, weights: torch.Tensor, assignment: tor
     matrices ``weights [K, A, B]`` in one matmul (``[N, K, B]``), then each row's own ``[B]``."""
     k, a, b = weights.shape
     every = (inputs @ weights.transpose(0, 1).reshape(a, k * b)).view(-1, k, b)
-    return torch.take_along_dim(every, assignment.view(-1, 1, 1), dim=1).squeeze(1)
+    # a gather, not take_along_dim: the indices are in range, so no pass to wrap negative ones
+    return torch.gather(every, 1, assignment.view(-1, 1, 1).expand(-1, 1, b)).squeeze(1)
 
 
 @dataclass
