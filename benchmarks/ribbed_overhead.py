@@ -1,27 +1,28 @@
-"""Training-step time of RIBBED (all components on) over torch AdamW, and where the time goes.
+"""Training-step time of RIBBED over torch AdamW, and where the time goes.
 
 For each model (the MNIST-1D 1D CNN, and a 784-1024-1024-10 MLP of 1.86M parameters at
 batch 128) this times full training steps (forward, backward, optimiser step) with
 ``torch.optim.AdamW(foreach=True)`` and with ``RIBBED`` over the same AdamW, alternating
-A/B blocks in one process, and prints median(RIBBED) / median(AdamW). RIBBED runs with
-every default component on (residual controllers on the trace signal, self-supervision,
-activation features) plus the chiral term, once refreshing features every step and once every
-10 steps (the default, and the configuration the 1.10 goal is about). Where the time goes:
-``--ablate`` adds that configuration with one piece off at a time (the chiral term, the
-activation hooks, the refresh itself by refreshing every 1000 steps) or changed (the first
-design's linear objective with its heads and coupling, the neuron resets on), so each piece's cost is a difference of
-ratios from one run; ``--profile`` prints a ``torch.profiler`` table of it (20 steps, so two
-feature refreshes) with the most expensive ops, after each chain transform's time per step
-(``NeuronChain.profiled``). Every optimiser trains its own copy of the
-model (RIBBED's hooks then fire only in its own steps), and the order of the blocks is
-reversed every other repeat.
+A/B blocks in one process, and prints median(RIBBED) / median(AdamW). RIBBED runs with its
+defaults (residual controllers on the trace signal, self-supervision, activation features,
+a refresh every 10 steps: the configuration the 1.10 goal is about), once refreshing every
+step, and once with the chiral term added (off by default; it rotates every gradient at every
+step, so its cost is its own row). Where the time goes: ``--ablate`` adds the defaults with one
+piece off at a time (the activation hooks, the refresh itself by refreshing every 1000 steps)
+or changed (the first design's linear objective with its heads and coupling, the neuron resets
+on), so each piece's cost is a difference of ratios from one run; ``--profile`` prints each
+chain transform's time per step (``NeuronChain.profiled``) for the defaults and for the chiral
+row, then a ``torch.profiler`` table of the defaults (20 steps, two refreshes) with the most
+expensive ops. Every optimiser trains its own copy of the model (RIBBED's hooks then fire only
+in its own steps), and the order of the blocks is reversed every other repeat.
 
-On a CPU these steps are bound by memory traffic: every elementwise op streams whole
-tensors, so RIBBED's cost is counted in extra passes over the weights and gradients (AdamW's
-own foreach step makes about twenty). Run it on an idle machine, and compare ratios only
-within one run.
+On a CPU these steps are bound by memory traffic and, for small models, by the number of ops:
+every elementwise op streams whole tensors, so RIBBED's cost is counted in extra passes over the
+weights and gradients (AdamW's own foreach step makes about twenty) and in small ops per
+refresh. Run it on an idle machine, or with ``--clock cpu`` (this thread's CPU time) on a
+shared one, and compare ratios only within one run.
 
-    python benchmarks/ribbed_overhead.py [--steps 60] [--repeats 5] [--ablate] [--profile]
+    python benchmarks/ribbed_overhead.py [--steps 60] [--repeats 7] [--clock cpu] [--ablate] [--profile]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from copy import deepcopy
 
 import torch
@@ -39,8 +41,12 @@ from ribbed import RIBBED
 from ribbed.nn import build_model
 from ribbed.runs.environment import cpu_description
 
-ALL_ON = {"chiral_gamma": 0.01, "controllers": True, "self_supervision": True, "activation_features": True}
-ABLATIONS = {"no chiral term": {"chiral_gamma": 0.0}, "no activation hooks": {"activation_features": False},
+DEFAULTS = "ribbed defaults (features every 10)"
+CHIRAL = "ribbed defaults + chiral term"
+CONFIGURATIONS = {DEFAULTS: {}, "ribbed defaults, features every step": {"feature_every": 1},
+                  CHIRAL: {"chiral_gamma": 0.01}}
+ALL_ON = CONFIGURATIONS[CHIRAL]  # every component of the defaults plus the chiral term (benchmarks/gpu_check.py)
+ABLATIONS = {"no activation hooks": {"activation_features": False},
              "refresh every 1000": {"feature_every": 1000},
              "linear objective (heads, coupling)": {"objective": "linear"},
              "with resets (rate 1e-4)": {"reset_rate": 1e-4}}
@@ -73,8 +79,8 @@ def time_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, steps: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ablate", action="store_true", help="also time features-every-10 with one piece off")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ablate", action="store_true", help="also time the defaults with one piece off")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall time, or this thread's CPU time (less disturbed by other jobs on a shared machine)")
@@ -84,15 +90,13 @@ def main() -> None:
           f"{args.repeats} repeats, medians of {args.clock} time; CPU {cpu_description()}")
     for name, (model, x, y) in models().items():
         params = sum(p.numel() for p in model.parameters())
-        builders = {
-            "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
-            "ribbed (features every step)": lambda m: RIBBED(m, lr=1e-3, feature_every=1, **ALL_ON),
-            "ribbed (features every 10)": lambda m: RIBBED(m, lr=1e-3, feature_every=10, **ALL_ON),
-        }
+        builders: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+            "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)}
+        builders.update({label: lambda m, options=options: RIBBED(m, lr=1e-3, **options)
+                         for label, options in CONFIGURATIONS.items()})
         if args.ablate:
-            builders.update({f"  ... {label}":
-                             lambda m, off=off: RIBBED(m, lr=1e-3, **{**ALL_ON, "feature_every": 10, **off})
-                             for label, off in ABLATIONS.items()})
+            builders.update({f"  ... defaults, {label}": lambda m, options=options: RIBBED(m, lr=1e-3, **options)
+                             for label, options in ABLATIONS.items()})
         # One copy of the model per optimiser: RIBBED's activation hooks must fire only in its
         # own steps, not in AdamW's (or another RIBBED's) forward passes.
         runs = {label: (copy := deepcopy(model), build(copy)) for label, build in builders.items()}
@@ -107,19 +111,20 @@ def main() -> None:
         print(f"\n{name} ({params:,} parameters)")
         for label, values in times.items():
             median = statistics.median(values)
-            print(f"  {label:30s} {median * 1e3:8.3f} ms/step   ratio {median / base:5.2f}")
+            print(f"  {label:40s} {median * 1e3:8.3f} ms/step   ratio {median / base:5.3f}")
         if args.profile:
-            net, optimizer = runs["ribbed (features every 10)"]
             plain_net, adamw = runs["adamw"]
             steps = 40  # four feature refreshes
-            step_ms = time_steps(plain_net, adamw, x, y, steps, clock) * 1e3
-            with optimizer.profiled() as timings:
-                time_steps(net, optimizer, x, y, steps, clock)
-            print(f"  per transform (features every 10, {steps} steps; AdamW's whole training step "
-                  f"{step_ms:.3f} ms here):")
-            for key, seconds in sorted(timings.items(), key=lambda item: -item[1]):
-                print(f"    {key:32s} {seconds / steps * 1e3:8.3f} ms/step  {seconds / steps * 1e3 / step_ms:6.1%} "
-                      "of AdamW's step")
+            for label in (DEFAULTS, CHIRAL):
+                net, optimizer = runs[label]
+                step_ms = time_steps(plain_net, adamw, x, y, steps, clock) * 1e3
+                with optimizer.profiled() as timings:
+                    time_steps(net, optimizer, x, y, steps, clock)
+                print(f"  per transform, {label} ({steps} steps; AdamW's whole training step {step_ms:.3f} ms here):")
+                for key, seconds in sorted(timings.items(), key=lambda item: -item[1]):
+                    print(f"    {key:32s} {seconds / steps * 1e3:8.3f} ms/step  "
+                          f"{seconds / steps * 1e3 / step_ms:6.1%} of AdamW's step")
+            net, optimizer = runs[DEFAULTS]
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 time_steps(net, optimizer, x, y, 20)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
