@@ -3,5 +3,7 @@
 set -euo pipefail
 ruff check src tests benchmarks examples
 mypy  # src/ribbed, configured in pyproject.toml ([tool.mypy]: basic mode and the ratchet)
+# -n auto: one pytest-xdist worker per core (at most 4); --dist loadgroup keeps the tests that share a
+# costly fixture (a distributed launch, one redirected run) on one worker (their xdist_group mark).
 # --durations: every run names its 20 slowest tests (issue 14 asks for the whole suite under 5 min on 2 cores)
-python -m pytest -q -p no:cacheprovider --durations=20 "$@"
+python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadgroup --durations=20 "$@"

@@ -9,12 +9,44 @@ import torch
 
 from ribbed.config import RunConfig
 
+TERMINAL_SIZE = ("COLUMNS", "LINES")
+"""Variables GNU readline exports into the C environment (80 and 24 without a terminal) when pytest
+imports it: the Python snapshot (``os.environ``) keeps the user's, but pytest-xdist's workers
+inherit readline's, and ``ribbed``'s console would cut its tables to 80 columns in them."""
+
+
+def pytest_configure(config):
+    """A pytest-xdist worker sees the terminal size the run was started with, and gets its share of
+    the cores: torch threads, and ``OMP_NUM_THREADS`` (unless set) for the runs (``threads: auto``)
+    and subprocesses it starts."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["RIBBED_TESTS_TERMINAL_SIZE"] = " ".join(
+            f"{name}={os.environ[name]}" for name in TERMINAL_SIZE if name in os.environ)
+        return
+    started_with = dict(item.split("=", 1) for item in os.environ.get("RIBBED_TESTS_TERMINAL_SIZE", "").split())
+    for name in TERMINAL_SIZE:
+        if name in started_with:
+            os.environ[name] = started_with[name]
+        else:
+            os.environ.pop(name, None)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
-    """Keep generated datasets out of the user's cache; share them across tests."""
+    """Keep generated datasets out of the user's cache; share them across tests, and across the
+    pytest-xdist workers of one run (the cache writes each file atomically)."""
     previous = os.environ.get("RIBBED_CACHE_DIR")
-    os.environ["RIBBED_CACHE_DIR"] = str(tmp_path_factory.mktemp("ribbed-cache"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "ribbed-cache"  # every worker's basetemp sits in it
+        shared.mkdir(exist_ok=True)
+        os.environ["RIBBED_CACHE_DIR"] = str(shared)
+    else:
+        os.environ["RIBBED_CACHE_DIR"] = str(tmp_path_factory.mktemp("ribbed-cache"))
     yield
     if previous is None:
         os.environ.pop("RIBBED_CACHE_DIR", None)
