@@ -36,6 +36,12 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``slow`` run first, in the order collected: the parallel workers of
+    scripts/test.sh then end on short tests together instead of one waiting for the other's long one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
     """Keep generated datasets out of the user's cache; share them across tests, and across the

@@ -109,6 +109,7 @@ def test_comparison_with_tuning_seeds_and_a_diverging_method(tmp_path):
     assert len(list_runs(runs_dir, kind="comparison")) == 2
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_runs_directory(tmp_path):
     config = _write_config(tmp_path / "tiny.yaml", tiny_dict(train={"steps": 20, "eval_every": 10}))
     runs_dir = tmp_path / "runs"
@@ -119,6 +120,7 @@ def test_two_processes_share_one_runs_directory(tmp_path):
     assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     doc = tiny_dict(
         model={"name": "mlp", "options": {"hidden": [64, 64], "dropout": 0.2}},

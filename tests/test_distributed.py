@@ -173,6 +173,7 @@ def _failing_launch(tmp_path, fault: str, timeout_s: float) -> tuple[str, float]
     return str(info.value), time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_run_clearly_and_quickly(tmp_path):
     message, seconds = _failing_launch(tmp_path, "kill", timeout_s=300)
     assert "rank 1" in message and "SIGKILL" in message
@@ -181,6 +182,7 @@ def test_a_killed_rank_fails_the_run_clearly_and_quickly(tmp_path):
     assert seconds < min(quickly.seconds, 150), f"{seconds:.0f} s; allowed {quickly}, at most 150 s"
 
 
+@pytest.mark.slow
 def test_a_hanging_rank_times_out_instead_of_hanging(tmp_path):
     message, seconds = _failing_launch(tmp_path, "hang", timeout_s=2)
     assert "rank 0" in message and "exited with code 1" in message

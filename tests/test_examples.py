@@ -66,6 +66,7 @@ def check_optimizers(ns: dict, out: Path) -> None:
     assert ns["outcome"].report_html.is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "check"), [
     ("curriculum_language_model.py", check_curriculum),
     ("loss_landscape.py", check_landscape),

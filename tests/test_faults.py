@@ -275,6 +275,7 @@ def test_resume_through_the_command_then_refuses_the_finished_run(stopped, unint
     assert (record.path / "summary.json").read_bytes() == before  # not retrained
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path):
     config = tmp_path / "long.yaml"
     config.write_text(yaml.safe_dump(tiny_dict(train={"steps": 200_000, "eval_every": 20, "threads": 1})))

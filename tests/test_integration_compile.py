@@ -34,6 +34,7 @@ TOLERANCE = 1e-5
 
 
 @pytest.mark.skipif(not COMPILE_DISABLED, reason="compilation is on: the checks below run in this process")
+@pytest.mark.slow
 def test_the_checks_run_with_compilation_on():
     env = {key: value for key, value in os.environ.items() if key != "TORCH_COMPILE_DISABLE"}
     root = Path(__file__).resolve().parent.parent

@@ -167,6 +167,7 @@ def test_a_mixed_comparison_runs_and_reports_each_dataset_on_its_own_terms(tmp_p
     assert "On text-char/gpt, steps to val_loss ≤ 5" in markdown
 
 
+@pytest.mark.slow
 def test_the_kfac_preset_fast_dev_runs_every_member(tmp_path):
     comparison = fast_dev_config(load_config(preset_path("kfac")))
     summary = run_comparison(comparison, runs_dir=tmp_path).summary

@@ -564,6 +564,7 @@ def test_precision_study_rejects_unknown_modes(tmp_path):
         run_study(config, runs_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_every_registry_name_builds_after_importing_ribbed_optim_alone():
     """A fresh interpreter that imports only ``ribbed.optim`` (as the README does) can build the
     optimisers other packages register (RIBBED, Adam-HD, continual backprop)."""

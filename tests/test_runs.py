@@ -209,6 +209,7 @@ CONCURRENT_WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_concurrent_processes_all_land_in_index(runs_dir: Path, tmp_path: Path) -> None:
     go_file = tmp_path / "go"
     workers = [
@@ -315,6 +316,7 @@ def test_tensorboard_tracker_writes_scalars_readable_by_tensorboard(runs_dir: Pa
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5), (2, 0.25)]
 
 
+@pytest.mark.slow
 def test_mlflow_tracker_logs_params_and_metric_history(runs_dir: Path, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
 
