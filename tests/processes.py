@@ -52,7 +52,7 @@ class Limit:
     startup_s: float
 
     def __str__(self) -> str:
-        return (f"{self.seconds:.0f} s (the larger of the {self.floor_s:.0f}-s floor and {STARTUP_ALLOWANCE:g} x "
+        return (f"{self.seconds:.3g} s (the larger of the {self.floor_s:.3g}-s floor and {STARTUP_ALLOWANCE:g} x "
                 f"{self.starts} start-up(s) of {self.startup_s:.1f} s measured + {WORK_ALLOWANCE:g} x "
                 f"{self.work_s:g} s of work x {self.startup_s / QUIET_STARTUP_S:.2f} slowdown)")
 
