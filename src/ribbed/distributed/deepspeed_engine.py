@@ -63,6 +63,12 @@ class EngineOptimizer(torch.optim.Optimizer):
     def param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        raise TypeError("param_groups of a DeepSpeed engine: the engine owns its parameter groups and cannot be "
+                        "given new ones; allowed: changing a group's entries in place (e.g. "
+                        "optimizer.param_groups[0]['lr'] = 1e-3, as learning-rate schedules do)")
+
     @property
     def state(self):
         return self.engine.optimizer.optimizer.state
