@@ -1,6 +1,6 @@
 """Coupling (routing) time per step against N neurons and K controllers, for every strategy.
 
-For each strategy of ``ribbed.core.coupling.ROUTERS`` this times one routing of ``N`` neurons'
+For each strategy of ``ribbed.core.routers.ROUTERS`` this times one routing of ``N`` neurons'
 trajectory features to ``K`` controllers (median of ``--repeats`` calls, the index already
 built; the index build is printed beside it), sweeping ``N`` at a fixed ``K`` and ``K`` at a
 fixed ``N``, all in one process. It prints, measured in this run, the fitted log-log slopes in
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ribbed.core.coupling import ROUTERS
+from ribbed.core.routers import ROUTERS
 from ribbed.experiments.studies.core import coupling_workload, loglog_slope, time_coupling
 from ribbed.runs.environment import cpu_description
 

@@ -321,7 +321,7 @@ def test_a_single_neuron_with_more_controllers_than_neurons():
 
 
 def test_routing_recovers_well_separated_groups():
-    from ribbed.core.routing import OnlineKMeans
+    from ribbed.core.clustering import OnlineKMeans
 
     centres = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0], [0.0, -10.0]])
     generator = torch.Generator().manual_seed(0)

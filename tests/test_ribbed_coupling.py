@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ribbed import RIBBED
+from ribbed.core.clustering import OnlineKMeans
 from ribbed.core.controllers import ControllerBank
-from ribbed.core.coupling import ROUTERS, build_router, nearest_centroid
 from ribbed.core.features import FEATURE_NAMES
-from ribbed.core.routing import OnlineKMeans
+from ribbed.core.routers import ROUTERS, build_router, nearest_centroid
 from tests.ribbed_helpers import assert_resume_matches_uninterrupted, train_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,10 +13,10 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from ribbed import RIBBED
+from ribbed.core.clustering import OnlineKMeans
 from ribbed.core.controllers import ControllerBank
 from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.hierarchy import ClusterHierarchy, ModulatorBank, WeightedKMeans
-from ribbed.core.routing import OnlineKMeans
 from tests.ribbed_helpers import (
     assert_resume_matches_uninterrupted,
     mlp,

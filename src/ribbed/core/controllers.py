@@ -155,7 +155,7 @@ class ControllerBank(nn.Module):
         """Raw outputs ``[N, O]`` of each neuron's controller on its features ``[N, F]``.
 
         With ``assignment [N, k]`` and ``weights [N, k]`` (top-k attention routing,
-        ``ribbed.core.coupling``) each of a neuron's ``k`` controllers is evaluated by the same
+        ``ribbed.core.routers``) each of a neuron's ``k`` controllers is evaluated by the same
         gather + bmm and their raw outputs are mixed by the weights before decoding: one decoding
         path serves both cases, the decoded multiplier and lambda keep their ranges, and each
         controller's gradient is scaled by its attention weight.

@@ -1,6 +1,6 @@
 """Recursive hierarchical grouping: clusters of neurons, clusters of clusters, and their evolution.
 
-Level 1 is RIBBED's routing (:class:`~ribbed.core.routing.OnlineKMeans`): neurons grouped by
+Level 1 is RIBBED's routing (:class:`~ribbed.core.clustering.OnlineKMeans`): neurons grouped by
 their trajectory features, one controller of the bank per cluster. This module adds, on top:
 
 **Higher levels** (``depth - 1`` of them). Level ``L + 1`` clusters the centroids of level ``L``
@@ -61,8 +61,8 @@ import torch
 from torch import nn
 
 from ribbed.checks import check_integer, check_number
+from ribbed.core.clustering import OnlineKMeans, kmeans_plus_plus
 from ribbed.core.controllers import ControllerBank, gathered_mlp
-from ribbed.core.routing import OnlineKMeans, kmeans_plus_plus
 
 __all__ = [
     "ClusterHierarchy", "ModulatorBank", "WeightedKMeans", "check_hierarchy_settings",

@@ -4,7 +4,7 @@ MLPs and applied to the base optimiser's update.
 Every ``feature_every`` steps :class:`NeuronControllers` refreshes each neuron's features
 (``ribbed.core.features``: gradients, the last update, momentum, activation statistics), trains
 the controller bank on the signal of the multipliers it gave at the last refresh, groups the
-neurons (``ribbed.core.routing``, with the coupling strategies of ``ribbed.core.coupling`` and the
+neurons (``ribbed.core.clustering``, with the coupling strategies of ``ribbed.core.routers`` and the
 recursive grouping of ``ribbed.core.hierarchy``) and sets new multipliers. What the controllers
 learn from is the ``objective`` (``ribbed.core.controllers``):
 
@@ -34,13 +34,13 @@ import torch
 
 from ribbed.checks import check_integer, check_number
 from ribbed.core.chain import NeuronChain, NeuronTransform, StepContext, TransformSpec, eagerly
+from ribbed.core.clustering import OnlineKMeans
 from ribbed.core.controllers import OBJECTIVES, PREDICTED, ControllerBank, ControllerOutputs
-from ribbed.core.coupling import build_router
 from ribbed.core.density import InformationDensity
 from ribbed.core.evolution import TRIAL_EVALUATIONS, evolve_bank
 from ribbed.core.features import FEATURE_NAMES, FeatureNormalizer, neuron_features
 from ribbed.core.hierarchy import ClusterHierarchy, check_hierarchy_settings
-from ribbed.core.routing import OnlineKMeans
+from ribbed.core.routers import build_router
 from ribbed.core.scaled_adamw import scaled_adamw_step, supports_scaled_step
 from ribbed.core.signals import SIGNALS, StepSizeSignal
 from ribbed.core.unrolled import UnrolledTrainer, check_unrolled_options

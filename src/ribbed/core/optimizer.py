@@ -16,7 +16,7 @@ this order, and each is left out of the chain when off:
    ``density_reward > 0``;
 2. **controllers** (``ribbed.core.modulation``, on by default): every ``feature_every`` steps,
    per-neuron features (``ribbed.core.features``), routing of neurons to a bank of tiny MLPs
-   (online k-means with the coupling strategies of ``ribbed.core.coupling`` and, optionally,
+   (online k-means with the coupling strategies of ``ribbed.core.routers`` and, optionally,
    the recursive grouping of ``ribbed.core.hierarchy``, logged in :meth:`RIBBED.topology_log`),
    and a step multiplier per neuron: by default a bounded residual ``exp(delta -
    mean_layer(delta))`` on the base rule (identity at the start and while frozen) trained on
@@ -135,7 +135,7 @@ class RIBBED(NeuronChain):
             ``ribbed.core.density.InformationDensity.reward_loss``: larger step multipliers
             for neurons with more mutual information with the label). Needs ``controllers``
             and ``density_every``.
-        routing: coupling strategy routing neurons to controllers (``ribbed.core.coupling``):
+        routing: coupling strategy routing neurons to controllers (``ribbed.core.routers``):
             ``dense`` (exact nearest centroid, the default), ``tree``, ``lsh``, ``sampled``
             (unsampled neurons keep controller and multiplier at a re-clustering) or
             ``topk-attention`` (each neuron mixes its k nearest controllers).

@@ -7,7 +7,7 @@ loss, and RIBBED's step multiplier, coupling strength and surprise for the neuro
 report shows the curves and a table of the final loss and the steps to reach a loss target.
 
 ``coupling-scaling``: the time one routing of ``N`` neurons to ``K`` controllers takes with each
-coupling strategy (``ribbed.core.coupling``), against ``N`` at a fixed ``K`` and against ``K`` at
+coupling strategy (``ribbed.core.routers``), against ``N`` at a fixed ``K`` and against ``K`` at
 a fixed ``N``, with log-log fitted slopes, the time ratio per doubling of ``K``, and how often
 each strategy picks the same controller as the exact dense search.
 
@@ -28,9 +28,9 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from ribbed.core.coupling import ROUTERS, build_router
 from ribbed.core.features import FEATURE_NAMES
 from ribbed.core.optimizer import RIBBED
+from ribbed.core.routers import ROUTERS, build_router
 from ribbed.experiments.studies import FigureSpec, StudyResult, Table, register_study
 from ribbed.stats import mean_ci
 

@@ -1,9 +1,9 @@
-"""Routing neurons to controllers: online k-means over the neurons' trajectory features.
+"""Clustering neurons for their controllers: online k-means over the neurons' trajectory features.
 
 Centroids are seeded with k-means++. Each neuron's *trajectory feature* is an exponential
 moving average of its standardised feature vector, so neurons that have been learning alike share a controller. Every
 ``refresh`` the assignment is recomputed by the coupling strategy (a router of
-``ribbed.core.coupling``; by default the exact nearest centroid, ``O(N K)`` with
+``ribbed.core.routers``; by default the exact nearest centroid, ``O(N K)`` with
 ``torch.cdist``) followed by one Lloyd update of the centroids; an empty cluster is
 re-seeded at the neuron farthest from its centroid among clusters of two or more, so no
 controller is left unused while there are neurons to spare (and no neuron is moved out of
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ribbed.core.coupling import DenseRouter, Router
+from ribbed.core.routers import DenseRouter, Router
 
 __all__ = ["OnlineKMeans", "kmeans_plus_plus"]
 
@@ -43,7 +43,7 @@ def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator,
 class OnlineKMeans:
     """Routing of ``N`` neurons to ``K`` controllers by ``router`` with Lloyd updates.
 
-    ``router`` is a coupling strategy (default :class:`ribbed.core.coupling.DenseRouter`, exact
+    ``router`` is a coupling strategy (default :class:`ribbed.core.routers.DenseRouter`, exact
     nearest centroid). Besides ``assignment`` it may leave ``mixture`` (top-k attention: each
     neuron's controllers and weights) and ``coupled`` (sampled coupling: the neurons re-coupled
     by the last refresh; ``None`` when all were).

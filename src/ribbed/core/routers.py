@@ -1,7 +1,7 @@
-"""Coupling strategies: which of ``K`` controllers serves each of ``N`` neurons.
+"""Routers (the coupling strategies): which of ``K`` controllers serves each of ``N`` neurons.
 
 A router maps the neurons' trajectory features ``points [N, F]`` to controllers, given the
-controllers' keys (the k-means centroids ``[K, F]``). :class:`ribbed.core.routing.OnlineKMeans`
+controllers' keys (the k-means centroids ``[K, F]``). :class:`ribbed.core.clustering.OnlineKMeans`
 calls ``prepare(centroids, generator)`` (index the centroids) then ``route(points, previous,
 generator)`` at every re-clustering; the RIBBED option ``routing`` names the strategy and
 ``routing_options`` its options. Registered strategies (:data:`ROUTERS`):
