@@ -319,7 +319,7 @@ class SaveControllers:
             Path(self.directory).mkdir(parents=True, exist_ok=True)
             controllers = self.optimizer.controllers
             torch.save({"bank": controllers.bank.state_dict(), "multiplier": controllers.multiplier,
-                        "assignment": controllers.routing.assignment},
+                        "assignment": controllers.clusters.assignment},
                        Path(self.directory) / f"rank{self.rank}.pt")
 
     def metrics(self):

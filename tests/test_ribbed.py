@@ -317,7 +317,7 @@ def test_a_single_neuron_with_more_controllers_than_neurons():
         nn.functional.mse_loss(neuron(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert optimizer.controllers.routing.assignment.shape == (1,)
+    assert optimizer.controllers.clusters.assignment.shape == (1,)
 
 
 def test_routing_recovers_well_separated_groups():

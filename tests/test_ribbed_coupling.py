@@ -224,8 +224,8 @@ def test_ribbed_trains_with_every_strategy(name):
     optimizer = RIBBED(model, lr=1e-2, routing=name, routing_options=OPTIONS.get(name), **SETTINGS)
     losses = train_steps(model, optimizer, _batches(50))
     assert losses[-1] < 0.6 * losses[0], losses[::10]
-    assert optimizer.controllers.routing.assignment.shape == (optimizer.n_neurons,)
-    assert len(set(optimizer.controllers.routing.assignment.tolist())) == 4
+    assert optimizer.controllers.clusters.assignment.shape == (optimizer.n_neurons,)
+    assert len(set(optimizer.controllers.clusters.assignment.tolist())) == 4
 
 
 @pytest.mark.parametrize("name", ["lsh", "sampled", "topk-attention"])
@@ -244,7 +244,7 @@ def test_sampled_ribbed_keeps_unsampled_multipliers_at_a_recoupling():
     train_steps(model, optimizer, batches[:6])
     before = optimizer.controllers.multiplier.clone()
     train_steps(model, optimizer, batches[6:])  # step 6: a re-clustering
-    coupled = optimizer.controllers.routing.coupled
+    coupled = optimizer.controllers.clusters.coupled
     assert int(coupled.sum()) == -(-optimizer.n_neurons // 4)
     assert torch.equal(optimizer.controllers.multiplier[~coupled], before[~coupled])
     assert not torch.equal(optimizer.controllers.multiplier[coupled], before[coupled])

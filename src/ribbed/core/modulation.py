@@ -149,7 +149,7 @@ class NeuronControllers(NeuronTransform):
             self.hierarchy = ClusterHierarchy(len(FEATURE_NAMES), slots, hidden=hidden, **hierarchy).to(device)
         trained = [*self.bank.parameters(), *(self.hierarchy.parameters() if self.hierarchy is not None else ())]
         self.controller_optimizer = torch.optim.Adam(trained, lr=lr, foreach=True)
-        self.routing = OnlineKMeans(n_controllers, router=router)
+        self.clusters = OnlineKMeans(n_controllers, router=router)  # which controller serves which neuron
         self.normalizer = FeatureNormalizer()
         self.prev = [p.detach().clone() for p in self.neuron_params]
         self.signal = (StepSizeSignal(self.layers, kind=signal, discount=trace_discount, smoothing=signal_smoothing)
@@ -281,29 +281,29 @@ class NeuronControllers(NeuronTransform):
             raw[:, _SURPRISE_INDEX] = self.surprise.to(raw.device)
         self.normalizer.update(raw)
         inputs = self.normalizer(raw)
-        self.routing.observe(inputs)
-        refreshed = self.routing.assignment is None or step - self._routed_at >= self.routing_every
+        self.clusters.observe(inputs)
+        refreshed = self.clusters.assignment is None or step - self._routed_at >= self.routing_every
         if refreshed:
-            self.routing.refresh(self.generator)
+            self.clusters.refresh(self.generator)
             self._routed_at = step
             if self.hierarchy is not None:
-                self.hierarchy.restructure(self.routing, step, self.bank, self.controller_optimizer)
-        assignment = self.routing.assignment
+                self.hierarchy.restructure(self.clusters, step, self.bank, self.controller_optimizer)
+        assignment = self.clusters.assignment
         assert assignment is not None, "routed above if never before"
-        out = self.bank(inputs, *self.routing.controller_choice())
+        out = self.bank(inputs, *self.clusters.controller_choice())
         if self.hierarchy is not None:
-            self.hierarchy.summarise(inputs, self.routing)
+            self.hierarchy.summarise(inputs, self.clusters)
         self._modulate(out)
-        if refreshed and self.routing.coupled is not None:  # sampled coupling: the others keep theirs
-            out.multiplier = torch.where(self.routing.coupled, out.multiplier, self.multiplier.to(out.multiplier))
+        if refreshed and self.clusters.coupled is not None:  # sampled coupling: the others keep theirs
+            out.multiplier = torch.where(self.clusters.coupled, out.multiplier, self.multiplier.to(out.multiplier))
         self._set_multiplier(out.multiplier)
         self._neurons = {"multiplier": out.multiplier, "step": out.step, "coupling": out.coupling,
                          "gate": out.gate, "surprise": self.surprise.clone(), "hypergradient": hyper,
                          "controller": assignment}
-        self._pending = (inputs, *self.routing.controller_choice())
-        self._telemetry = self.hierarchy.telemetry(self.routing) if self.hierarchy is not None else {}
+        self._pending = (inputs, *self.clusters.controller_choice())
+        self._telemetry = self.hierarchy.telemetry(self.clusters) if self.hierarchy is not None else {}
         self._telemetry_inputs = (out, self.surprise, hyper, controller_loss, prediction_loss,
-                                  float(self.routing.changes))
+                                  float(self.clusters.changes))
 
     def _summary(self) -> dict[str, float]:
         """The last refresh's telemetry, summarised from its tensors on first request (a refresh
@@ -444,7 +444,7 @@ class NeuronControllers(NeuronTransform):
         state = {
             "bank": self.bank.state_dict(),
             "controller_optimizer": self.controller_optimizer.state_dict(),
-            "routing": self.routing.state_dict(),
+            "routing": self.clusters.state_dict(),  # the key checkpoints have always used
             "normalizer": self.normalizer.state_dict(),
             "prev": [t.clone() for t in self.prev],
             "surprise": self.surprise.clone(),
@@ -464,7 +464,7 @@ class NeuronControllers(NeuronTransform):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bank.load_state_dict(state["bank"])
         self.controller_optimizer.load_state_dict(state["controller_optimizer"])
-        self.routing.load_state_dict(state["routing"])
+        self.clusters.load_state_dict(state["routing"])
         self.normalizer.load_state_dict(state["normalizer"])
         torch._foreach_copy_(self.prev, state["prev"])
         self.surprise = state["surprise"].clone()
@@ -477,6 +477,6 @@ class NeuronControllers(NeuronTransform):
         self._routed_at = state["routed_at"]
         self._set_recording(state["recording"])
         if self.hierarchy is not None:
-            self.hierarchy.load_state_dict(state["hierarchy"], self.routing)
+            self.hierarchy.load_state_dict(state["hierarchy"], self.clusters)
         if self.signal is not None:
             self.signal.load_state_dict(state["signal"])

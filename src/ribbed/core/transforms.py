@@ -113,7 +113,7 @@ class ChiralTransform(ChiralTerm, NeuronTransform):
 
     def before_update(self, ctx: StepContext) -> None:
         if ctx.step % self.graph_every == 0 or not self.structure:
-            assignment = self.controllers.routing.assignment if self.controllers is not None else None
+            assignment = self.controllers.clusters.assignment if self.controllers is not None else None
             self.refresh(self.layers, self.generator, assignment)
         if self.selection_every and ctx.step % self.selection_every == 0:
             self._select(ctx)
