@@ -37,8 +37,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests marked ``slow`` run first, in the order collected: the parallel workers of
-    scripts/test.sh then end on short tests together instead of one waiting for the other's long one."""
+    """The tests marked ``slow`` run first, in the order collected, and so do their files under
+    scripts/test.sh (``--dist loadfile``, in this order): the parallel workers then end on short
+    files together instead of one waiting for the other's long test."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -54,7 +54,7 @@ class Limit:
     def __str__(self) -> str:
         return (f"{self.seconds:.3g} s (the larger of the {self.floor_s:.3g}-s floor and {STARTUP_ALLOWANCE:g} x "
                 f"{self.starts} start-up(s) of {self.startup_s:.1f} s measured + {WORK_ALLOWANCE:g} x "
-                f"{self.work_s:g} s of work x {self.startup_s / QUIET_STARTUP_S:.2f} slowdown)")
+                f"{self.work_s:g} s of work x {max(1.0, self.startup_s / QUIET_STARTUP_S):.2f} slowdown)")
 
 
 def limit(floor_s: float, *, starts: int = 1, work_s: float = 0.0) -> Limit:

@@ -225,10 +225,6 @@ def _ribbed_run(*args: str, runs_dir: Path) -> subprocess.CompletedProcess:
     return processes.run([sys.executable, "-m", "ribbed", *args], limit(300, starts=1, work_s=2), env=env)
 
 
-ONE_REDIRECTED_RUN = pytest.mark.xdist_group("test_cli.py: redirected")
-"""The tests that read the redirected run: under pytest-xdist they run on one worker, which runs it once."""
-
-
 @pytest.fixture(scope="module")
 def redirected(tmp_path_factory):
     """One ``python -m ribbed run`` with its output redirected: its log, the record it made and the
@@ -241,7 +237,6 @@ def redirected(tmp_path_factory):
     return done, open_run(root / "runs", row["id"]), config
 
 
-@ONE_REDIRECTED_RUN
 def test_redirected_run_logs_plain_progress_lines_and_records_threads_and_device(redirected, tmp_path):
     from ribbed.train.hardware import available_devices
 
@@ -345,7 +340,6 @@ def test_compare_warns_about_what_differs_beyond_the_method(tmp_path):
     assert "train.steps differs: adamw 20; sgd 30" in (record.path / "report.md").read_text()
 
 
-@ONE_REDIRECTED_RUN
 def test_evaluate_tests_saved_weights_on_the_runs_data_or_another(redirected):
     _, record, _ = redirected
     runs_dir = record.path.parent
@@ -368,7 +362,6 @@ def test_evaluate_tests_saved_weights_on_the_runs_data_or_another(redirected):
     assert bad_split.exit_code == 2 and "'dev'" in bad_split.output and "test, val, train" in bad_split.output
 
 
-@ONE_REDIRECTED_RUN
 def test_a_rewritten_report_still_shows_the_command_that_made_the_run(redirected, monkeypatch):
     _, record, config = redirected
     monkeypatch.setattr(sys, "argv", ["ribbed", "report", record.id])  # what `ribbed report ID` sees

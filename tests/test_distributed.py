@@ -50,10 +50,6 @@ CASES = {
 CHECKPOINT_CASES = ("zero3", "zero1")
 # A run cut at half its steps must see the learning rates of the full run: constant schedule.
 CONSTANT = {"schedule": {"kind": "constant", "warmup_steps": 0}}
-ONE_LAUNCH = pytest.mark.xdist_group("test_distributed.py: launched")
-"""The tests that read the one launch: under pytest-xdist they run on one worker, which launches once."""
-
-
 def case_config(distributed: dict, sections: dict, **train) -> RunConfig:
     doc = tiny_dict(optimizer={"name": "adamw", "lr": 0.01},
                     train={"steps": STEPS, "eval_every": 1, **train})
@@ -110,7 +106,6 @@ def launched(tmp_path_factory, digits):
 
 
 @pytest.mark.parametrize("label", list(CASES))
-@ONE_LAUNCH
 def test_strategy_follows_the_single_process_loss(launched, digits, label):
     distributed, sections, tolerance = CASES[label]
     config = case_config(distributed, sections)
@@ -126,7 +121,6 @@ def test_strategy_follows_the_single_process_loss(launched, digits, label):
     assert got[-1]["val_loss"] == pytest.approx(expected.history[-1]["val_loss"], abs=max(tolerance, 1e-5))
 
 
-@ONE_LAUNCH
 def test_each_rank_reports_memory_and_communication(launched):
     rows = {label: launched[label].read_metrics()[-1] for label in CASES}
     for label, row in rows.items():
@@ -143,7 +137,6 @@ def test_each_rank_reports_memory_and_communication(launched):
 
 
 @pytest.mark.parametrize("label", CHECKPOINT_CASES)
-@ONE_LAUNCH
 def test_checkpoints_cross_between_distributed_and_single_process(launched, digits, label):
     distributed = CASES[label][0]
     reference = losses(train(build_run(single_process(case_config(distributed, CONSTANT)), digits),

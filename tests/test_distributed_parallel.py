@@ -68,10 +68,6 @@ CASES = {
 }
 CHECKPOINT_CASES = ("1f1b-gpt", "tensor-gpt")
 CONSTANT = {"schedule": {"kind": "constant", "warmup_steps": 0}}
-ONE_LAUNCH = pytest.mark.xdist_group("test_distributed_parallel.py: launched")
-"""The tests that read the one launch: under pytest-xdist they run on one worker, which launches once."""
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     """A small slice of Python's bundled pydoc text: a GPT corpus that evaluates quickly."""
@@ -142,7 +138,6 @@ def launched(tmp_path_factory, text_file):
 
 
 @pytest.mark.parametrize("label", list(CASES))
-@ONE_LAUNCH
 def test_parallel_strategy_follows_the_single_process_loss(launched, text_file, label):
     distributed, sections, tolerance = CASES[label]
     config = case_config(distributed, sections, text_file)
@@ -156,7 +151,6 @@ def test_parallel_strategy_follows_the_single_process_loss(launched, text_file, 
     assert got[-1]["val_loss"] == pytest.approx(expected[-1]["val_loss"], abs=tolerance)
 
 
-@ONE_LAUNCH
 def test_each_rank_holds_its_part_of_the_model(launched):
     """Per-rank memory shows the split: a pipeline stage has gradients and optimiser state for
     its own layers only; tensor parallelism holds half of each block's big matrices."""
@@ -177,7 +171,6 @@ def test_each_rank_holds_its_part_of_the_model(launched):
     assert tensor["comm_mb_per_step"] == pytest.approx(8 * 16 / 1024, rel=0.05)
 
 
-@ONE_LAUNCH
 def test_ribbed_controllers_are_identical_on_every_rank(launched):
     directory = launched[1]
     rank0, rank1 = (torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
@@ -190,7 +183,6 @@ def test_ribbed_controllers_are_identical_on_every_rank(launched):
 
 
 @pytest.mark.parametrize("label", CHECKPOINT_CASES)
-@ONE_LAUNCH
 def test_checkpoints_cross_between_parallel_and_single_process(launched, text_file, label):
     distributed, sections, _ = CASES[label]
     full = case_config(distributed, {**sections, **CONSTANT}, text_file, checkpoint_every=STEPS // 2)
