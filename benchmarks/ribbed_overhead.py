@@ -2,8 +2,10 @@
 
 For each model (the MNIST-1D 1D CNN, and a 784-1024-1024-10 MLP of 1.86M parameters at
 batch 128) this times full training steps (forward, backward, optimiser step) with
-``torch.optim.AdamW(foreach=True)`` and with ``RIBBED`` over the same AdamW, alternating
-A/B blocks in one process, and prints median(RIBBED) / median(AdamW). RIBBED runs with its
+``torch.optim.AdamW(foreach=True)`` and with ``RIBBED`` over the same AdamW in paired blocks in
+one process (each RIBBED block right after an AdamW block), and prints the median and quartiles
+of the paired ratios: on a shared machine whose speed drifts, pairs cancel what a ratio of two
+medians taken minutes apart does not. RIBBED runs with its
 defaults (residual controllers on the trace signal, self-supervision, activation features,
 a refresh every 10 steps: the configuration the 1.10 goal is about), once refreshing every
 step, and once with the chiral term added (off by default; it rotates every gradient at every
@@ -14,7 +16,7 @@ on), so each piece's cost is a difference of ratios from one run; ``--profile`` 
 chain transform's time per step (``NeuronChain.profiled``) for the defaults and for the chiral
 row, then a ``torch.profiler`` table of the defaults (20 steps, two refreshes) with the most
 expensive ops. Every optimiser trains its own copy of the model (RIBBED's hooks then fire only
-in its own steps), and the order of the blocks is reversed every other repeat.
+in its own steps), and the order of the pairs is reversed every other repeat.
 
 On a CPU these steps are bound by memory traffic and, for small models, by the number of ops:
 every elementwise op streams whole tensors, so RIBBED's cost is counted in extra passes over the
@@ -22,7 +24,7 @@ weights and gradients (AdamW's own foreach step makes about twenty) and in small
 refresh. Run it on an idle machine, or with ``--clock cpu`` (this thread's CPU time) on a
 shared one, and compare ratios only within one run.
 
-    python benchmarks/ribbed_overhead.py [--steps 60] [--repeats 7] [--clock cpu] [--ablate] [--profile]
+    python benchmarks/ribbed_overhead.py [--steps 20] [--repeats 25] [--clock cpu] [--ablate] [--profile]
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ def time_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed block (a multiple of 10: whole "
+                        "refresh cycles)")
+    parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--ablate", action="store_true", help="also time the defaults with one piece off")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
@@ -101,17 +104,24 @@ def main() -> None:
         # own steps, not in AdamW's (or another RIBBED's) forward passes.
         runs = {label: (copy := deepcopy(model), build(copy)) for label, build in builders.items()}
         times: dict[str, list[float]] = {label: [] for label in builders}
+        ratios: dict[str, list[float]] = {label: [] for label in builders if label != "adamw"}
         for net, optimizer in runs.values():  # warm-up
             time_steps(net, optimizer, x, y, 5)
         for repeat in range(args.repeats):
-            for label in list(runs)[::1 if repeat % 2 == 0 else -1]:
-                net, optimizer = runs[label]
-                times[label].append(time_steps(net, optimizer, x, y, args.steps, clock))
-        base = statistics.median(times["adamw"])
-        print(f"\n{name} ({params:,} parameters)")
-        for label, values in times.items():
-            median = statistics.median(values)
-            print(f"  {label:40s} {median * 1e3:8.3f} ms/step   ratio {median / base:5.3f}")
+            # paired blocks: each RIBBED block right after an AdamW block, its ratio to that one
+            # (drifts of a shared machine slower than two blocks cancel in the ratio)
+            for label in list(ratios)[::1 if repeat % 2 == 0 else -1]:
+                adamw = time_steps(*runs["adamw"], x, y, args.steps, clock)
+                ribbed = time_steps(*runs[label], x, y, args.steps, clock)
+                times["adamw"].append(adamw)
+                times[label].append(ribbed)
+                ratios[label].append(ribbed / adamw)
+        print(f"\n{name} ({params:,} parameters); ratio: median over the paired blocks [quartiles]")
+        print(f"  {'adamw':40s} {statistics.median(times['adamw']) * 1e3:8.3f} ms/step")
+        for label, values in ratios.items():
+            low, _, high = statistics.quantiles(values, n=4)
+            print(f"  {label:40s} {statistics.median(times[label]) * 1e3:8.3f} ms/step   "
+                  f"ratio {statistics.median(values):5.3f} [{low:5.3f}, {high:5.3f}]")
         if args.profile:
             plain_net, adamw = runs["adamw"]
             steps = 40  # four feature refreshes

@@ -2,7 +2,7 @@
 # The test command: lint, type check, then the whole test suite (run from the repository root).
 set -euo pipefail
 ruff check src tests benchmarks examples
-mypy  # src/ribbed, configured in pyproject.toml ([tool.mypy]: basic mode and the ratchet)
+mypy  # src/ribbed, configured in pyproject.toml ([tool.mypy]: basic mode, every module)
 # -n auto: one pytest-xdist worker per core (at most 4). --dist loadfile: each test file runs on one worker,
 # which builds its module fixtures (a distributed launch, a redirected run) once; files are handed out in
 # the collected order, which puts the files with tests marked slow first (tests/conftest.py).
