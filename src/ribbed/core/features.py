@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from ribbed.core.layers import NeuronLayer, row_blocks
+from ribbed.core.layers import NeuronLayer, joined, row_blocks
 
 __all__ = ["FEATURE_NAMES", "FeatureNormalizer", "neuron_features"]
 
@@ -109,10 +109,9 @@ def _row_sums(layer: NeuronLayer, prev: dict[torch.Tensor, torch.Tensor],
     grad_w, grad_b = layer.grad_pair()
     weight_w, weight_b = layer.own_pair()
     prev_w, prev_b = layer.pair(prev)
-    has_momentum = layer.weight in momentum
     n = grad_w.shape[0]
     flat_g, flat_w, flat_prev = (t.reshape(n, -1) for t in (grad_w, weight_w, prev_w))
-    mom_w = momentum[layer.weight] if has_momentum else None
+    mom_w = momentum.get(layer.weight)
     mom_rows = layer.rows(mom_w).reshape(n, -1) if mom_w is not None else None
     norm_blocks, dot_blocks = [], []
     for block in row_blocks(flat_g):  # cache blocking: each block of every tensor is read from memory once
@@ -122,10 +121,9 @@ def _row_sums(layer: NeuronLayer, prev: dict[torch.Tensor, torch.Tensor],
             rows.append(mom_rows[block])
         norm_blocks.append(torch.stack([torch.linalg.vector_norm(t, dim=1) for t in rows]))
         dot_blocks.append(torch.stack([torch.linalg.vecdot(g, t) for t in rows[1::2]]))  # <g, d> and <g, m>
-    norms = (norm_blocks[0] if len(norm_blocks) == 1 else torch.cat(norm_blocks, dim=1)).square()
-    dots = dot_blocks[0] if len(dot_blocks) == 1 else torch.cat(dot_blocks, dim=1)
+    norms, dots = joined(norm_blocks).square(), joined(dot_blocks)
     if grad_b is not None and weight_b is not None and prev_b is not None:
-        mom_b = momentum.get(layer.bias) if has_momentum and layer.bias is not None else None
+        mom_b = momentum.get(layer.bias) if mom_w is not None and layer.bias is not None else None
         bias = torch.stack([grad_b, weight_b - prev_b, weight_b] + ([mom_b] if mom_b is not None else []))
         if len(bias) == len(norms):
             norms = norms + bias.square()

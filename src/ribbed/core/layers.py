@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "ActivationStats", "IndexedHook", "NeuronLayer", "bin_indices", "binned_entropy", "coverage_report",
     "entropy_of_counts", "find_neuron_layers", "is_transposed_linear", "neuron_modules", "offset_counts",
-    "row_blocks", "row_dot", "row_sq_norm",
+    "joined", "row_blocks", "row_dot",
 ]
 
 NEURON_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -103,6 +103,12 @@ def row_blocks(rows: torch.Tensor) -> list[slice]:
     return [slice(start, min(start + block, n)) for start in range(0, n, block)] or [slice(0, 0)]
 
 
+def joined(blocks: list[torch.Tensor], dim: int = -1) -> torch.Tensor:
+    """The per-block results of :func:`row_blocks` as one tensor along ``dim`` (the block itself
+    when there is one: no copy for a layer that fits one block)."""
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=dim)
+
+
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
@@ -113,11 +119,6 @@ def row_dot(a: tuple[torch.Tensor, torch.Tensor | None], b: tuple[torch.Tensor, 
     if a[1] is not None and b[1] is not None:
         out = out + a[1] * b[1]
     return out
-
-
-def row_sq_norm(a: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """Per-neuron squared norm of a (weight, bias) pair."""
-    return row_dot(a, a)
 
 
 class ActivationStats:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from ribbed.core.layers import NeuronLayer, row_blocks
+from ribbed.core.layers import NeuronLayer, joined, row_blocks
 
 __all__ = ["SIGNALS", "StepSizeSignal"]
 
@@ -90,7 +90,7 @@ class StepSizeSignal:
                 blocks.append(torch.linalg.vecdot(flat_g[block], flat_w[block] - flat_ref[block]))
                 if advance and trace:  # on the average itself (a reshape might have copied it)
                     ref_w[block].lerp_(weight_w[block], 1 - self.discount)
-            column = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+            column = joined(blocks)
             if layer.bias is not None and grad_b is not None and ref_b is not None:
                 column = column + grad_b * (layer.bias - ref_b)
                 if advance and trace:
