@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +51,18 @@ __all__ = ["NeuronControllers", "controllers"]
 
 _PREDICTED_INDEX = [FEATURE_NAMES.index(name) for name in PREDICTED]
 _SURPRISE_INDEX = FEATURE_NAMES.index("surprise")
+
+
+@dataclass
+class _Derived:
+    """What :class:`NeuronControllers` derives from one multiplier tensor: the per-parameter scales
+    of the direct AdamW update and the factors that update derives from them, and the lerp
+    weights of the copy-and-lerp update."""
+
+    multiplier: torch.Tensor
+    scales: dict[torch.Tensor, torch.Tensor] | None = None
+    adamw_factors: dict[Any, Any] = field(default_factory=dict)
+    lerp: list[torch.Tensor] | None = None
 
 
 def controllers(*, n_controllers: int = 4, controller_hidden: int = 16, controller_lr: float = 1e-2,
@@ -156,8 +169,7 @@ class NeuronControllers(NeuronTransform):
                        if objective == "residual" else None)
         self.surprise = torch.zeros(self.n_neurons)
         self._set_multiplier(torch.ones(self.n_neurons))
-        self._lerp_cache: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-        self._scales: tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor], dict[Any, Any]] | None = None
+        self._derived: _Derived | None = None
         self._pending: tuple[torch.Tensor, ...] | None = None
         self._routed_at = 0
         self._step = 0
@@ -392,12 +404,19 @@ class NeuronControllers(NeuronTransform):
 
     # ------------------------------------------------------------------ the update's pieces
 
+    def _of_multiplier(self) -> _Derived:
+        """What is derived from the current multipliers alone, kept until they change (a refresh,
+        a selection, a resume); each part is made when first needed."""
+        if self._derived is None or self._derived.multiplier is not self.multiplier:
+            self._derived = _Derived(self.multiplier)
+        return self._derived
+
     def _lerp_weights(self) -> list[torch.Tensor]:
-        """:meth:`_lerp_from` the current multipliers, rebuilt only when they change (the direct
-        update over AdamW never needs them)."""
-        if self._lerp_cache is None or self._lerp_cache[0] is not self.multiplier:
-            self._lerp_cache = (self.multiplier, self._lerp_from(self.multiplier))
-        return self._lerp_cache[1]
+        """:meth:`_lerp_from` the current multipliers (the direct update over AdamW never needs them)."""
+        derived = self._of_multiplier()
+        if derived.lerp is None:
+            derived.lerp = self._lerp_from(self.multiplier)
+        return derived.lerp
 
     def _lerp_from(self, multiplier: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter lerp weights ``1 - m`` broadcast along each neuron's row, taken in the
@@ -422,13 +441,13 @@ class NeuronControllers(NeuronTransform):
         return not self._selecting(step) and supports_scaled_step(self.base)
 
     def _scaled_step(self) -> None:
-        """The base AdamW step at the multipliers as per-neuron learning-rate scales. The scales
+        """The base AdamW step at the multipliers as per-neuron learning-rate scales (the scales
         by parameter, and the factors :func:`~ribbed.core.scaled_adamw.scaled_adamw_step` derives
-        from them, are rebuilt only when the multipliers change (a refresh, a selection, a resume)."""
-        if self._scales is None or self._scales[0] is not self.multiplier:
-            scales = dict(zip(self.neuron_params, self._rows_of(self.multiplier), strict=True))
-            self._scales = (self.multiplier, scales, {})
-        scaled_adamw_step(self.base, self._scales[1], derived=self._scales[2])
+        from them, kept with the multipliers)."""
+        derived = self._of_multiplier()
+        if derived.scales is None:
+            derived.scales = dict(zip(self.neuron_params, self._rows_of(self.multiplier), strict=True))
+        scaled_adamw_step(self.base, derived.scales, derived=derived.adamw_factors)
 
     # ------------------------------------------------------------------ inspection and state
 
